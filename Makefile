@@ -1,0 +1,42 @@
+# Quick start: `make bench` (set up, then the scan benchmark) and `make test` (set up, then the
+# linter and the whole test suite). Both create .venv on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The development and CI stack. A CUDA build of torch that runs on CPU-only machines too; pinned
+# in every pip command that could otherwise pull a different torch.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.pks4-setup-done
+
+.PHONY: setup test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PINS) "setuptools>=77" wheel packaging ninja
+	$(PIP) install --quiet --no-build-isolation $(TORCH_PINS) -e ".[test]"
+	# mamba-ssm and causal-conv1d without their CUDA parts: the tests call their pure-PyTorch
+	# references as independent oracles. --no-cache-dir keeps this CUDA-less wheel out of
+	# pip's cache, where a CUDA environment could later pick it up.
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+	CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+	$(PIP) install --quiet --no-cache-dir --no-build-isolation --no-deps \
+		mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/scan_speed.py
+
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""The PKS4 modules: kinematic priors, the parallel temporal scan, and the block."""
+
+from .block import PKS4Block
+from .kinematic_prior import KinematicPriorEncoder
+from .temporal_scan import ParallelTemporalScan
+
+__all__ = ["KinematicPriorEncoder", "PKS4Block", "ParallelTemporalScan"]

@@ -1,0 +1,191 @@
+"""``motion_scan``: the motion-gated selective scan, one math behind several implementations.
+
+For every batch element ``b``, spatial location ``l`` and channel ``d`` an independent
+sequence of length ``T`` is scanned with an ``N``-dimensional diagonal state::
+
+    dt_t = softplus(delta_t + delta_bias)          (or delta_t + delta_bias without softplus)
+    h_t  = exp(dt_t * A[d, :]) * h_{t-1} + dt_t * B_t[:] * u_t
+    y_t  = sum_n C_t[n] * h_t[n] + D[d] * u_t
+    y_t  = y_t * silu(z_t)                         (when z is given)
+
+``h_{-1}`` is ``initial_state`` (zeros by default). With ``reverse=True`` the scan runs from
+``t = T-1`` down to ``0``. ``B_t`` and ``C_t`` are shared by all channels of a location: in a
+PKS4 block they come from the kinematic prior of that location and frame (write and read), and
+``delta`` (the update speed) does too.
+
+The layout ``(batch, T, L, D)`` is that of a video feature map flattened over space, so a
+backbone's output reaches the kernel without a transpose. The state is always kept in float32
+(float64 for float64 inputs), whatever the input dtype.
+
+Backends:
+
+``"torch"``
+    PyTorch ops with a hand-written backward that recomputes the states instead of storing
+    them (:mod:`pks4_layers.ops.torch_backend`). Any device.
+``"ref"``
+    :func:`pks4_layers.ops.motion_scan_ref`, the oracle: a plain loop, autograd backward.
+``"auto"``
+    the fastest backend available for the inputs' device; the environment variable
+    ``PKS4_BACKEND`` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .reference import motion_scan_ref
+from .torch_backend import motion_scan_torch
+
+BACKEND_ENV_VAR = "PKS4_BACKEND"
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _ref_backend(*args, **kwargs) -> tuple[Tensor, Tensor]:
+    return motion_scan_ref(*args, **kwargs, return_last_state=True)
+
+
+# name -> callable(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state)
+# returning (y, last_state).
+_BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "torch": motion_scan_torch,
+    "ref": _ref_backend,
+}
+
+
+def available_backends() -> list[str]:
+    """Names accepted by ``backend=`` besides ``"auto"``."""
+    return sorted(_BACKENDS)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that ``backend`` stands for on ``device``."""
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV_VAR, "").strip()
+        if forced:
+            if forced not in _BACKENDS:
+                raise ValueError(
+                    f"{BACKEND_ENV_VAR}: expected one of {available_backends()}, got {forced!r}"
+                )
+            return forced
+        return "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(
+            f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}"
+        )
+    return backend
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t: object, shape: tuple, device: torch.device) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
+        )
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of u), got {t.device}")
+    return t
+
+
+def _validate(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    initial_state: Optional[Tensor],
+) -> None:
+    if not isinstance(u, Tensor):
+        raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
+    if u.dim() != 4:
+        raise ValueError(f"u: expected 4 dims (batch, T, L, D), got {_describe(u)}")
+    batch, T, L, Dm = u.shape
+    if T < 1:
+        raise ValueError(f"u: expected at least one time step (T >= 1), got {_describe(u)}")
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A: expected a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 2 or A.shape[0] != Dm or A.shape[1] < 1:
+        raise ValueError(f"A: expected shape (D={Dm}, N) with N >= 1, got {_describe(A)}")
+    N = A.shape[1]
+    dev = u.device
+    _check_tensor("u", u, (batch, T, L, Dm), dev)
+    _check_tensor("delta", delta, (batch, T, L, Dm), dev)
+    _check_tensor("A", A, (Dm, N), dev)
+    _check_tensor("B", B, (batch, T, L, N), dev)
+    _check_tensor("C", C, (batch, T, L, N), dev)
+    if D is not None:
+        _check_tensor("D", D, (Dm,), dev)
+    if z is not None:
+        _check_tensor("z", z, (batch, T, L, Dm), dev)
+    if delta_bias is not None:
+        _check_tensor("delta_bias", delta_bias, (Dm,), dev)
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, (batch, L, Dm, N), dev)
+    # Activations share one dtype; B and C may stay in float32 under mixed precision.
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and t.dtype != u.dtype:
+            raise ValueError(f"{name}: expected dtype {u.dtype} (that of u), got {t.dtype}")
+    if C.dtype != B.dtype:
+        raise ValueError(f"C: expected dtype {B.dtype} (that of B), got {C.dtype}")
+    if B.dtype not in (u.dtype, torch.float32):
+        raise ValueError(f"B: expected dtype {u.dtype} (that of u) or torch.float32, got {B.dtype}")
+
+
+def motion_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = True,
+    reverse: bool = False,
+    initial_state: Optional[Tensor] = None,
+    return_last_state: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Motion-gated selective scan along time, independently per location and channel.
+
+    Args:
+        u: input sequence, ``(batch, T, L, D)``.
+        delta: step-size logits, ``(batch, T, L, D)``, same dtype as ``u``.
+        A: state decay rates, ``(D, N)``; negative entries decay the state.
+        B: write projection, ``(batch, T, L, N)``, dtype of ``u`` or float32.
+        C: read projection, ``(batch, T, L, N)``, same dtype as ``B``.
+        D: skip connection per channel, ``(D,)``.
+        z: gate, ``(batch, T, L, D)``; the output is multiplied by ``silu(z)``.
+        delta_bias: added to ``delta`` before the softplus, ``(D,)``.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        reverse: scan from the last frame to the first.
+        initial_state: state before the first scanned frame, ``(batch, L, D, N)``.
+        return_last_state: also return the state after the last scanned frame.
+        backend: ``"auto"``, ``"torch"`` or ``"ref"`` (see the module docstring).
+
+    Returns:
+        ``y`` of shape ``(batch, T, L, D)`` in ``u``'s dtype, and with ``return_last_state`` the
+        last state ``(batch, L, D, N)`` in float32 (float64 for float64 inputs). Scanning
+        frames ``0..T-1`` at once equals scanning two chunks with the state carried across.
+    """
+    _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    name = resolve_backend(backend, u.device)
+    y, last_state = _BACKENDS[name](
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state
+    )
+    return (y, last_state) if return_last_state else y
