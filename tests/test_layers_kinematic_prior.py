@@ -1,0 +1,115 @@
+"""KinematicPriorEncoder: the cost volume, the recovered displacement, frame 0, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+from pks4_layers import KinematicPriorEncoder
+from pks4_layers.layers.kinematic_prior import local_correlation
+from tolerances import assert_close
+
+
+def test_local_correlation_matches_brute_force():
+    torch.manual_seed(0)
+    cur, prev = torch.randn(2, 3, 5, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4).double()
+    r = 2
+    cost = local_correlation(cur, prev, r)
+    assert cost.shape == (2, 25, 5, 4)
+    H, W = 5, 4
+    k = 0
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            for y in range(H):
+                for x in range(W):
+                    py, px = y + dy, x + dx
+                    inside = 0 <= py < H and 0 <= px < W
+                    want = (cur[:, :, y, x] * prev[:, :, py, px]).sum(1) if inside else 0.0
+                    assert_close(cost[:, k, y, x], torch.as_tensor(want).double().expand(2))
+            k += 1
+
+
+@pytest.mark.parametrize("shift", [(1, 0), (0, -1), (-2, 1), (0, 0)])
+def test_recovers_a_known_translation(shift):
+    """Frame 1 is frame 0 moved by ``shift`` = (dx, dy) cells: the interior reports that motion."""
+    torch.manual_seed(1)
+    dim, H, W, pad = 16, 6, 7, 2
+    sx, sy = shift
+    world = torch.randn(dim, H + 2 * pad, W + 2 * pad)
+    frame0 = world[:, pad : pad + H, pad : pad + W]
+    frame1 = world[:, pad - sy : pad - sy + H, pad - sx : pad - sx + W]
+    x = rearrange(torch.stack([frame0, frame1]), "t c h w -> 1 t (h w) c")
+    enc = KinematicPriorEncoder(dim, radius=2)
+    with torch.no_grad():
+        enc.corr_log_scale.fill_(torch.log(torch.tensor(50.0)))
+        cues = enc._displacement_cues(x, H, W)
+    K = enc.num_displacements
+    velocity = rearrange(cues[0, 1, :, K : K + 2], "(h w) v -> h w v", h=H)
+    confidence = rearrange(cues[0, 1, :, K + 2], "(h w) -> h w", h=H)
+    interior = (slice(2, H - 2), slice(2, W - 2))
+    assert_close(
+        velocity[interior], torch.tensor([sx, sy]).float().expand_as(velocity[interior]), scale=1e3
+    )
+    assert confidence[interior].min() > 0.9
+    # Frame 0 has no predecessor: no motion, no confidence.
+    assert torch.count_nonzero(cues[0, 0]) == 0
+
+
+def test_prior_depends_only_on_the_frame_and_its_predecessor():
+    torch.manual_seed(2)
+    enc = KinematicPriorEncoder(8, prior_dim=6, radius=1).double()
+    x = torch.randn(1, 6, 12, 8, dtype=torch.float64)
+    base = enc(x, (3, 4))
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    changed = (enc(x2, (3, 4)) - base).abs().amax(dim=(0, 2, 3)) > 0
+    assert changed.tolist() == [False, False, False, True, True, False]
+    # No wrap-around: the last frame never reaches frame 0.
+    x3 = x.clone()
+    x3[:, -1] += 1.0
+    assert torch.equal(enc(x3, (3, 4))[:, 0], base[:, 0])
+
+
+def test_single_frame_and_gradients():
+    torch.manual_seed(3)
+    enc = KinematicPriorEncoder(8, prior_dim=4)
+    out = enc(torch.randn(2, 1, 6, 8), (2, 3))
+    assert out.shape == (2, 1, 6, 4) and torch.isfinite(out).all()
+    x = torch.randn(2, 4, 6, 8, requires_grad=True)
+    enc(x, (2, 3)).square().sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(4)
+    enc = KinematicPriorEncoder(4, prior_dim=3, radius=1, corr_dim=4, diff_dim=2).double()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: enc(t, (2, 2)), (x,))
+
+
+@pytest.mark.parametrize(
+    "x, grid, match",
+    [
+        (torch.randn(2, 3, 6), (2, 3), r"x: expected shape \(B, T, L, 8\)"),
+        (torch.randn(2, 3, 6, 5), (2, 3), r"x: expected shape \(B, T, L, 8\)"),
+        (torch.randn(2, 3, 6, 8), (2, 2), r"grid: expected H \* W == 6"),
+        (torch.randn(2, 3, 6, 8), 6, "grid: expected a pair"),
+        (torch.randn(2, 0, 6, 8), (2, 3), r"x: expected at least one frame"),
+        (torch.ones(2, 3, 6, 8, dtype=torch.int64), (2, 3), "x: expected a floating dtype"),
+    ],
+    ids=["rank", "channels", "grid-size", "grid-type", "no-frames", "int-dtype"],
+)
+def test_bad_input(x, grid, match):
+    with pytest.raises(ValueError, match=match):
+        KinematicPriorEncoder(8)(x, grid)
+
+
+def test_bfloat16_autocast_is_finite():
+    torch.manual_seed(5)
+    enc = KinematicPriorEncoder(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = enc(torch.randn(2, 4, 6, 8), (2, 3))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
