@@ -135,7 +135,12 @@ class _MotionScanFn(torch.autograd.Function):
             del states, decays
         grad_A = grad_A_acc.sum(dim=(0, 1))
 
-        grad_delta = grad_dt * torch.sigmoid(pre) if ctx.delta_softplus else grad_dt
+        if ctx.delta_softplus:
+            # F.softplus is the identity above its threshold (20): its slope there is exactly 1.
+            slope = torch.where(pre > 20.0, torch.ones_like(pre), torch.sigmoid(pre))
+            grad_delta = grad_dt * slope
+        else:
+            grad_delta = grad_dt
         grad_D = grad_z = grad_bias = grad_init = None
         if D is not None and ctx.needs_input_grad[5]:
             grad_D = (gy_ssm * u_c).sum(dim=(0, 1, 2))
