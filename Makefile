@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS) "setuptools>=77" wheel packaging ninja
-	$(PIP) install --quiet --no-build-isolation $(TORCH_PINS) -e ".[test]"
+	$(PIP) install --quiet --no-build-isolation $(TORCH_PINS) -e ".[test,bench]"
 	# mamba-ssm and causal-conv1d without their CUDA parts: the tests call their pure-PyTorch
 	# references as independent oracles. --no-cache-dir keeps this CUDA-less wheel out of
 	# pip's cache, where a CUDA environment could later pick it up.

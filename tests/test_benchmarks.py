@@ -1,0 +1,87 @@
+"""End-to-end run of ``benchmarks/scan_speed.py`` on a tiny shape.
+
+Checks that the script runs, prints a row per backend and a block row, and writes a JSON with
+sane numbers and a PNG. Timings are only checked for being finite and positive: how fast a
+backend is depends on the machine and is never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pks4_layers.ops import available_backends
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_speed.py"
+TINY = [
+    "--batch=1",
+    "--frames=3",
+    "--size=3x2",
+    "--dim=8",
+    "--state=4",
+    "--repeats=1",
+    "--warmup=0",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[str, dict, Path]:
+    json_path, png_path = tmp_path / "speed.json", tmp_path / "speed.png"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, f"--json={json_path}", f"--plot={png_path}", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(json_path.read_text()), png_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peak", [True, False], ids=["peak", "no-peak"])
+def test_scan_speed_end_to_end(tmp_path: Path, peak: bool) -> None:
+    stdout, result, png_path = _run(tmp_path, *([] if peak else ["--no-peak"]))
+
+    backends = available_backends()
+    table_rows = [line.split()[0] for line in stdout.splitlines() if line.strip()]
+    for name in backends:
+        assert f"motion_scan[{name}]" in table_rows, stdout
+        assert f"PKS4Block[{name}]" in table_rows, stdout
+
+    rows = {r["label"]: r for r in result["rows"]}
+    assert set(rows) == {f"{k}[{b}]" for k in ("motion_scan", "PKS4Block") for b in backends}
+    assert result["config"]["dim"] == 8
+    for label, row in rows.items():
+        if row["backend"] not in ("ref", "torch") and row["error"]:
+            continue  # a backend unusable here (wrong device, not built) reports why and no time
+        assert row["error"] is None, (label, row["error"])
+        for key in ("fwd_ms", "fwd_bwd_ms", "tokens_per_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (label, key, row[key])
+        assert row["saved_bytes"] > 0, label
+        if peak:
+            assert row["peak_bytes"] >= 0, label
+        else:
+            assert row["peak_bytes"] is None, label
+    for kind in ("motion_scan", "PKS4Block"):
+        assert rows[f"{kind}[ref]"]["fwd_speedup_vs_ref"] == pytest.approx(1.0)
+        assert rows[f"{kind}[torch]"]["max_abs_diff_y_vs_ref"] < 1e-4
+        assert rows[f"{kind}[torch]"]["max_abs_diff_grad_vs_ref"] < 1e-4
+
+    assert png_path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_scan_speed_reports_failing_backend(tmp_path: Path) -> None:
+    # A backend that raises must become a row with its reason, not end the run.
+    stdout, result, _ = _run(tmp_path, "--no-peak", "--no-block", "--backends=ref,nonexistent")
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert rows["ref"]["error"] is None
+    assert rows["nonexistent"]["error"] and "backend" in rows["nonexistent"]["error"]
+    assert rows["nonexistent"]["fwd_ms"] is None
+    assert "motion_scan[nonexistent]" in stdout
