@@ -1,0 +1,81 @@
+// Helpers shared by the CPU forward and backward kernels: element types and dispatch.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <stdexcept>
+
+#include "motion_scan.h"
+
+namespace pks4 {
+namespace cpu {
+
+// The row kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64, and the loader
+// picks the best the CPU supports at run time: a shipped binary is fast everywhere without
+// -march=native.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#if __GNUC__ >= 11
+#define PKS4_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PKS4_CPU_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#endif
+#else
+#define PKS4_CPU_CLONES
+#endif
+
+// Channels processed together by one vector loop (two AVX-512 or four AVX2 registers of
+// floats: independent work for the out-of-order core while the exp polynomials of one register
+// are in flight); the N states of these channels live in a small (N, kLanes) array.
+constexpr int64_t kLanes = 32;
+
+// Reads `count` <= kLanes elements into `out` as the compute type, zero-filling the rest, so
+// the vector loops always run over all kLanes lanes.
+template <typename src_t, typename acc_t>
+inline void load_lanes(const src_t* src, int64_t count, acc_t* out) {
+  if (count == kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) out[j] = static_cast<acc_t>(src[j]);
+  } else {
+    for (int64_t j = 0; j < kLanes; ++j) out[j] = j < count ? static_cast<acc_t>(src[j]) : acc_t(0);
+  }
+}
+
+template <typename acc_t, typename dst_t>
+inline void store_lanes(const acc_t* in, int64_t count, dst_t* dst) {
+  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<dst_t>(in[j]);
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<input_t>, Tag<bc_t>, Tag<acc_t>) for the params' storage kinds.
+template <typename F>
+void dispatch_kinds(const MotionScanParams& p, F&& f) {
+  const bool bc_same = p.bc_kind == p.input_kind;
+  switch (p.input_kind) {
+    case ScalarKind::Float32:
+      if (p.bc_kind == ScalarKind::Float32) return f(Tag<float>{}, Tag<float>{}, Tag<float>{});
+      break;
+    case ScalarKind::Float64:
+      if (bc_same) return f(Tag<double>{}, Tag<double>{}, Tag<double>{});
+      break;
+    case ScalarKind::Float16:
+      if (bc_same) return f(Tag<c10::Half>{}, Tag<c10::Half>{}, Tag<float>{});
+      if (p.bc_kind == ScalarKind::Float32)
+        return f(Tag<c10::Half>{}, Tag<float>{}, Tag<float>{});
+      break;
+    case ScalarKind::BFloat16:
+      if (bc_same) return f(Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{}, Tag<float>{});
+      if (p.bc_kind == ScalarKind::Float32)
+        return f(Tag<c10::BFloat16>{}, Tag<float>{}, Tag<float>{});
+      break;
+  }
+  throw std::invalid_argument("motion_scan: unsupported combination of input and B/C dtypes");
+}
+
+}  // namespace cpu
+}  // namespace pks4

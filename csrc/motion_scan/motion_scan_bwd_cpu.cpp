@@ -1,0 +1,230 @@
+// Backward of the motion-gated selective scan on the CPU.
+//
+// No per-step state is stored between forward and backward. For each (batch, location) row
+// and block of kLanes channels, a first pass replays the forward and keeps the state every
+// `segment` steps (about sqrt(T), at most 8); then each segment, last to first, is replayed
+// from its checkpoint, keeping its states and decays, and walked backward. The recurrence is
+// never run backwards through a division by exp(dt A), which is unstable once it underflows.
+//
+// Partial sums: dB_t and dC_t are summed over D inside the row (one task owns all channels of
+// a location), dA, dD and d(delta_bias) are left per row and summed by the caller in a fixed
+// order, so the result does not depend on the number of threads.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace pks4 {
+namespace cpu {
+namespace {
+
+template <typename in_t, typename bc_t, typename acc_t>
+void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t T = p.seqlen, L = p.nloc, Dm = p.dim, N = p.dstate;
+  const int64_t K = p.segment, num_chk = num_checkpoints(T, K);
+  const int64_t NL = N * kLanes;
+  const auto* u = static_cast<const in_t*>(p.u);
+  const auto* delta = static_cast<const in_t*>(p.delta);
+  const auto* z = static_cast<const in_t*>(p.z);
+  const auto* B = static_cast<const bc_t*>(p.B);
+  const auto* C = static_cast<const bc_t*>(p.C);
+  const auto* A = static_cast<const acc_t*>(p.A);
+  const auto* Dskip = static_cast<const acc_t*>(p.D);
+  const auto* bias = static_cast<const acc_t*>(p.delta_bias);
+  const auto* h0 = static_cast<const acc_t*>(p.initial_state);
+  const auto* gy_in = static_cast<const in_t*>(p.grad_y);
+  const auto* glast = static_cast<const acc_t*>(p.grad_last_state);
+  auto* grad_u = static_cast<in_t*>(p.grad_u);
+  auto* grad_delta = static_cast<in_t*>(p.grad_delta);
+  auto* grad_z = static_cast<in_t*>(p.grad_z);
+  auto* gB_part = static_cast<acc_t*>(p.grad_B_part);
+  auto* gC_part = static_cast<acc_t*>(p.grad_C_part);
+  auto* gA_part = static_cast<acc_t*>(p.grad_A_part);
+  auto* gD_part = static_cast<acc_t*>(p.grad_D_part);
+  auto* gbias_part = static_cast<acc_t*>(p.grad_bias_part);
+  auto* gh0 = static_cast<acc_t*>(p.grad_initial_state);
+
+  std::vector<acc_t> a_t(NL), h(NL), gh(NL), gA(NL), bn(N), cn(N);
+  std::vector<acc_t> checkpoints(num_chk * NL);
+  std::vector<acc_t> seg_h((K + 1) * NL), seg_decay(K * NL);
+  std::vector<acc_t> seg_dt(K * kLanes), seg_pre(K * kLanes), seg_y(K * kLanes);
+  alignas(64) acc_t dv[kLanes], bv[kLanes], uu[kLanes], pre[kLanes], dt[kLanes], dtu[kLanes];
+  alignas(64) acc_t acc[kLanes], gys[kLanes], gdt[kLanes], gwrite[kLanes];
+  alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes];
+
+  // Loads B_t, C_t of location `loc`, u_t and the biased logit of this channel block.
+  auto load_step = [&](int64_t loc, int64_t d0, int64_t nd) {
+    for (int64_t n = 0; n < N; ++n) {
+      bn[n] = static_cast<acc_t>(B[loc * N + n]);
+      cn[n] = static_cast<acc_t>(C[loc * N + n]);
+    }
+    const int64_t off = loc * Dm + d0;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const bool live = j < nd;
+      uu[j] = live ? static_cast<acc_t>(u[off + j]) : acc_t(0);
+      pre[j] = live ? static_cast<acc_t>(delta[off + j]) + bv[j] : acc_t(0);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      dt[j] = step_size<acc_t>(pre[j], p.delta_softplus);
+      dtu[j] = dt[j] * uu[j];
+    }
+  };
+
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / L, l = row % L;
+    for (int64_t d0 = 0; d0 < Dm; d0 += kLanes) {
+      const int64_t nd = std::min(kLanes, Dm - d0);
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const bool live = j < nd;
+        dv[j] = live && Dskip ? Dskip[d0 + j] : acc_t(0);
+        bv[j] = live && bias ? bias[d0 + j] : acc_t(0);
+        gD_acc[j] = gbias_acc[j] = acc_t(0);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t src = (row * Dm + d0 + j) * N + n;
+          a_t[n * kLanes + j] = live ? A[(d0 + j) * N + n] : acc_t(0);
+          h[n * kLanes + j] = live && h0 ? h0[src] : acc_t(0);
+          gh[n * kLanes + j] = live && glast ? glast[src] : acc_t(0);
+          gA[n * kLanes + j] = acc_t(0);
+        }
+      }
+
+      // Pass 1: the state at the start of every segment.
+      for (int64_t s = 0; s < T; ++s) {
+        if (s % K == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (s / K) * NL);
+        const int64_t t = time_index(s, T, p.reverse);
+        load_step((b * T + t) * L + l, d0, nd);
+        for (int64_t n = 0; n < N; ++n) {
+          acc_t* hn = h.data() + n * kLanes;
+          const acc_t* an = a_t.data() + n * kLanes;
+          const acc_t bnv = bn[n];
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) update_state<acc_t>(hn[j], dt[j], an[j], dtu[j], bnv);
+        }
+      }
+
+      // Pass 2: segments from last to first.
+      for (int64_t c = num_chk - 1; c >= 0; --c) {
+        const int64_t s0 = c * K, len = std::min(K, T - s0);
+        std::copy(checkpoints.begin() + c * NL, checkpoints.begin() + (c + 1) * NL,
+                  seg_h.begin());
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = time_index(s0 + i, T, p.reverse);
+          load_step((b * T + t) * L + l, d0, nd);
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc_t(0);
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t* hp = seg_h.data() + i * NL + n * kLanes;
+            acc_t* hn = seg_h.data() + (i + 1) * NL + n * kLanes;
+            acc_t* dec = seg_decay.data() + i * NL + n * kLanes;
+            const acc_t* an = a_t.data() + n * kLanes;
+            const acc_t bnv = bn[n], cnv = cn[n];
+#pragma omp simd
+            for (int64_t j = 0; j < kLanes; ++j) {
+              acc_t hv = hp[j];
+              dec[j] = update_state<acc_t>(hv, dt[j], an[j], dtu[j], bnv);
+              hn[j] = hv;
+              acc[j] += cnv * hv;
+            }
+          }
+          std::copy(dt, dt + kLanes, seg_dt.begin() + i * kLanes);
+          std::copy(pre, pre + kLanes, seg_pre.begin() + i * kLanes);
+          std::copy(acc, acc + kLanes, seg_y.begin() + i * kLanes);
+        }
+
+        for (int64_t i = len - 1; i >= 0; --i) {
+          const int64_t t = time_index(s0 + i, T, p.reverse);
+          const int64_t loc = (b * T + t) * L + l;
+          const int64_t off = loc * Dm + d0;
+          for (int64_t n = 0; n < N; ++n) {
+            bn[n] = static_cast<acc_t>(B[loc * N + n]);
+            cn[n] = static_cast<acc_t>(C[loc * N + n]);
+          }
+          const acc_t* dti = seg_dt.data() + i * kLanes;
+          // Gradient through the skip and the gate: y = (<C, h> + D u) * silu(z).
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const bool live = j < nd;
+            const acc_t g = live ? static_cast<acc_t>(gy_in[off + j]) : acc_t(0);
+            uu[j] = live ? static_cast<acc_t>(u[off + j]) : acc_t(0);
+            if (z && live) {
+              const acc_t zj = static_cast<acc_t>(z[off + j]);
+              const acc_t sz = sigmoid<acc_t>(zj);
+              const acc_t y_pre = seg_y[i * kLanes + j] + dv[j] * uu[j];
+              gys[j] = g * zj * sz;
+              grad_z[off + j] =
+                  static_cast<in_t>(g * y_pre * sz * (acc_t(1) + zj * (acc_t(1) - sz)));
+            } else {
+              gys[j] = g;
+            }
+            dtu[j] = dti[j] * uu[j];
+            gdt[j] = gwrite[j] = acc_t(0);
+          }
+          acc_t* gB_row = gB_part + loc * N;  // one partition on the CPU
+          acc_t* gC_row = gC_part + loc * N;
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t* hp = seg_h.data() + i * NL + n * kLanes;
+            const acc_t* hn = seg_h.data() + (i + 1) * NL + n * kLanes;
+            const acc_t* dec = seg_decay.data() + i * NL + n * kLanes;
+            const acc_t* an = a_t.data() + n * kLanes;
+            acc_t* ghn = gh.data() + n * kLanes;
+            acc_t* gAn = gA.data() + n * kLanes;
+            const acc_t bnv = bn[n], cnv = cn[n];
+            acc_t sum_b = 0, sum_c = 0;
+#pragma omp simd reduction(+ : sum_b, sum_c)
+            for (int64_t j = 0; j < kLanes; ++j) {
+              // y_t reads h_t through C_t.
+              sum_c += gys[j] * hn[j];
+              const acc_t g = ghn[j] + gys[j] * cnv;
+              // h_t = exp(dt A) h_{t-1} + dt u B_t
+              const acc_t g_log_decay = g * hp[j] * dec[j];
+              gAn[j] += g_log_decay * dti[j];
+              gdt[j] += g_log_decay * an[j];
+              gwrite[j] += g * bnv;
+              sum_b += g * dtu[j];
+              ghn[j] = g * dec[j];
+            }
+            gB_row[n] += sum_b;
+            gC_row[n] += sum_c;
+          }
+          const acc_t* prei = seg_pre.data() + i * kLanes;
+          for (int64_t j = 0; j < nd; ++j) {
+            const acc_t gd = (gdt[j] + gwrite[j] * uu[j]) *
+                             step_size_slope<acc_t>(prei[j], p.delta_softplus);
+            grad_u[off + j] = static_cast<in_t>(gys[j] * dv[j] + gwrite[j] * dti[j]);
+            grad_delta[off + j] = static_cast<in_t>(gd);
+            gD_acc[j] += gys[j] * uu[j];
+            gbias_acc[j] += gd;
+          }
+        }
+      }
+
+      for (int64_t j = 0; j < nd; ++j) {
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t dst = (row * Dm + d0 + j) * N + n;
+          gA_part[dst] = gA[n * kLanes + j];
+          if (gh0) gh0[dst] = gh[n * kLanes + j];
+        }
+        if (gD_part) gD_part[row * Dm + d0 + j] = gD_acc[j];
+        if (gbias_part) gbias_part[row * Dm + d0 + j] = gbias_acc[j];
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+
+void motion_scan_bwd_cpu(const MotionScanParams& p) {
+  cpu::dispatch_kinds(p, [&](auto in_tag, auto bc_tag, auto acc_tag) {
+    using in_t = typename decltype(in_tag)::type;
+    using bc_t = typename decltype(bc_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    at::parallel_for(0, p.batch * p.nloc, 1, [&](int64_t begin, int64_t end) {
+      cpu::backward_rows<in_t, bc_t, acc_t>(p, begin, end);
+    });
+  });
+}
+
+}  // namespace pks4
