@@ -9,12 +9,17 @@ PIP := $(PY) -m pip
 # in every pip command that could otherwise pull a different torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.pks4-setup-done
+KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
+# Build the compiled kernels ahead of time: the CPU extension always, the CUDA one too where
+# torch has CUDA and nvcc is found (a CUDA change that does not compile fails the set-up).
+export PKS4_BUILD_EXT := 1
+export MAX_JOBS ?= 2
 
 .PHONY: setup test lint bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS) "setuptools>=77" wheel packaging ninja

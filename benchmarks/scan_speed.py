@@ -321,7 +321,15 @@ class Row:
     diff_grad: Optional[float] = None
     fwd_speedup: Optional[float] = None
     fwd_bwd_speedup: Optional[float] = None
+    fwd_traffic_bytes: Optional[int] = None
     error: Optional[str] = None
+
+    @property
+    def fwd_gbps(self) -> Optional[float]:
+        """Achieved bandwidth of the forward: its compulsory traffic over its time."""
+        if not self.fwd_traffic_bytes or not self.fwd:
+            return None
+        return self.fwd_traffic_bytes / (self.fwd.median_ms / 1e3) / 1e9
 
     @property
     def label(self) -> str:
@@ -341,6 +349,8 @@ class Row:
             "tokens_per_s": self.tokens / (fwd_ms / 1e3) if fwd_ms else None,
             "fwd_speedup_vs_ref": self.fwd_speedup,
             "fwd_bwd_speedup_vs_ref": self.fwd_bwd_speedup,
+            "fwd_traffic_bytes": self.fwd_traffic_bytes,
+            "fwd_gbps": self.fwd_gbps,
             "saved_bytes": self.saved.total if self.saved else None,
             "saved_beyond_inputs_bytes": self.saved.beyond_inputs if self.saved else None,
             "saved_tensors": self.saved.tensors if self.saved else None,
@@ -493,6 +503,7 @@ def run_rows(
 ) -> list[Row]:
     h, w = args.size
     tokens = args.batch * args.frames * h * w
+    traffic = scan_traffic_bytes(args) if kind == SCAN else None
     _progress(f"{kind}: computing the ref output and gradients to compare against")
     oracle, why = compute_oracle(make)
     if oracle is None:
@@ -500,7 +511,7 @@ def run_rows(
     rows = []
     for backend in args.backend_list:
         step[0] += 1
-        row = Row(kind, backend, tokens)
+        row = Row(kind, backend, tokens, fwd_traffic_bytes=traffic)
         _progress(f"[{step[0]}/{total}] {row.label} ...")
         start = time.perf_counter()
         try:
@@ -527,6 +538,30 @@ def run_rows(
     return rows
 
 
+def scan_traffic_bytes(args: argparse.Namespace) -> int:
+    """Bytes a forward must move at least: read u, delta, z, B, C once, write y and the last
+    state once (A, D and delta_bias are negligible)."""
+    h, w = args.size
+    item = DTYPES[args.dtype].itemsize
+    per_frame = args.batch * args.frames * h * w
+    state_item = 8 if args.dtype == "float64" else 4
+    return (
+        4 * per_frame * args.dim * item
+        + 2 * per_frame * args.state * item
+        + args.batch * h * w * args.dim * args.state * state_item
+    )
+
+
+def copy_bandwidth_gbps(args: argparse.Namespace, device: torch.device) -> float:
+    """Bandwidth of a large device-to-device tensor copy (bytes read + written per second),
+    measured in the same run: the ceiling a memory-bound kernel can reach here."""
+    n = max(64 * 2**20, scan_traffic_bytes(args)) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), repeats=max(3, args.repeats), warmup=1, device=device)
+    return 2 * n * 4 / (timing.median_ms / 1e3) / 1e9
+
+
 def _fill_speedups(rows: list[Row]) -> None:
     """Speed-up over the ``ref`` row of the same kind, measured in the same run."""
     ref = next((r for r in rows if r.backend == "ref"), None)
@@ -539,11 +574,11 @@ def _fill_speedups(rows: list[Row]) -> None:
             row.fwd_bwd_speedup = ref.fwd_bwd.median_ms / row.fwd_bwd.median_ms
 
 
-def _auto_backend(device: torch.device) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     try:
         from pks4_layers.ops.motion_scan import resolve_backend
 
-        return resolve_backend("auto", device)
+        return resolve_backend("auto", device, dtype)
     except Exception as exc:  # only used for the header
         return f"? ({_reason(exc)})"
 
@@ -578,7 +613,8 @@ def header_lines(args: argparse.Namespace, env: dict[str, Any], device: torch.de
         lines.append(
             f"{BLOCK}: PKS4Block({args.dim}, d_state={args.state}, backend=...) on "
             f"({args.batch}, {args.frames}, {args.dim}, {h}, {w}), same weights for each\n"
-            f"      backend, compared with backend='ref' ('auto' is {_auto_backend(device)!r} here)"
+            f"      backend, compared with backend='ref' "
+            f"('auto' is {_auto_backend(device, DTYPES[args.dtype])!r} here)"
         )
     return "\n".join(lines).splitlines()
 
@@ -593,6 +629,7 @@ def render_table(rows: list[Row]) -> str:
             Column("tok/s fwd"),
             Column("fwd/ref"),
             Column("f+b/ref"),
+            Column("fwd GB/s"),
             Column("saved"),
             Column("peak"),
             Column("|dy|"),
@@ -615,6 +652,7 @@ def render_table(rows: list[Row]) -> str:
                 format_rate(r.tokens / (fwd_ms / 1e3) if fwd_ms else None),
                 format_ratio(r.fwd_speedup),
                 format_ratio(r.fwd_bwd_speedup),
+                "" if r.fwd_gbps is None else f"{r.fwd_gbps:.1f}",
                 format_bytes(r.saved.total if r.saved else None),
                 format_bytes(r.peak_bytes),
                 format_diff(r.diff_y),
@@ -712,10 +750,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args, BLOCK, lambda b: block_workload(args, b, device, weights), device, step, total
         )
 
+    _progress("measuring a large tensor copy for the bandwidth reference")
+    copy_gbps = copy_bandwidth_gbps(args, device)
+    env["copy_gbps"] = copy_gbps
+    traffic = scan_traffic_bytes(args)
     header = header_lines(args, env, device)
     print("\n".join(header))
     print()
     print(render_table(rows))
+    print()
+    print(
+        f"bandwidth: a forward must move {traffic / 2**20:.1f} MiB; a large tensor copy runs at "
+        f"{copy_gbps:.1f} GB/s here, so the memory floor of the forward is "
+        f"{traffic / (copy_gbps * 1e9) * 1e3:.2f} ms (column 'fwd GB/s': achieved)"
+    )
     print()
     save_outputs(args, rows, env, device, header)
     return 0

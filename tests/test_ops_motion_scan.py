@@ -1,12 +1,14 @@
-"""Tests of ``motion_scan``: every backend against the float64 oracle, mamba-ssm's reference,
-the algebraic properties the docstring promises (reverse, streaming, independent locations),
-the memory claim of the ``torch`` backend, and argument validation."""
+"""Tests of ``motion_scan``: every backend (the PyTorch one and the compiled kernels) against
+the float64 oracle and mamba-ssm's reference, the algebraic properties the docstring promises
+(reverse, streaming, independent locations), the memory claim (no per-step states kept for the
+backward), backend selection and argument validation. What only the compiled op has (opcheck,
+torch.compile, determinism, non-finite values, the build) is in ``test_ops_compiled.py``."""
 
 from __future__ import annotations
 
 import itertools
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
@@ -17,153 +19,33 @@ from torch import Tensor
 
 from external_refs import load_causal_conv1d_ref
 from pks4_layers.ops import available_backends, motion_scan, motion_scan_ref
+from pks4_layers.ops.motion_scan import backend_status
+from scan_cases import (
+    ALL_DTYPES,
+    BACKENDS,
+    HALF_DTYPES,
+    INPUT_NAMES,
+    OPTIONAL_NAMES,
+    TIME_INPUTS,
+    Inputs,
+    Shape,
+    backend_dtype_params,
+    backend_fn,
+    backend_params,
+    check_against_reference,
+    device_for,
+    magnitude,
+    make_inputs,
+    precise_dtype,
+    ref_fn,
+    run_with_grads,
+    scan,
+    scan_in_chunks,
+    to_device,
+    to_float64,
+    upstream,
+)
 from tolerances import assert_close
-
-# (batch, T, L, D, N)
-Shape = tuple[int, int, int, int, int]
-
-INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-OPTIONAL_NAMES = ("D", "z", "delta_bias", "initial_state")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-Inputs = dict[str, Optional[Tensor]]
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the scans keep (and return) their state in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def make_inputs(
-    shape: Shape,
-    dtype: torch.dtype = torch.float64,
-    *,
-    seed: int = 0,
-    optionals: tuple[str, ...] = OPTIONAL_NAMES,
-    positive_delta: bool = False,
-    bc_dtype: Optional[torch.dtype] = None,
-    param_dtype: Optional[torch.dtype] = None,
-) -> Inputs:
-    """Random arguments of ``motion_scan``, drawn in float64 and then rounded to their dtypes.
-
-    ``A`` is negative (a decaying state) and ``dt`` moderate (about 0.1..1), the regime the scan
-    is used in. ``positive_delta`` keeps ``delta + delta_bias`` positive, for runs without the
-    softplus (where ``dt`` is used as given). ``initial_state`` is in the state dtype (what a
-    previous chunk hands over).
-    """
-    batch, T, L, Dm, N = shape
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*size: int) -> Tensor:
-        return torch.randn(*size, generator=g, dtype=torch.float64)
-
-    def rand(*size: int) -> Tensor:
-        return torch.rand(*size, generator=g, dtype=torch.float64)
-
-    bc_dtype = bc_dtype or dtype
-    param_dtype = param_dtype or dtype
-    delta = 0.5 * rand(batch, T, L, Dm) + 0.05 if positive_delta else 0.5 * randn(batch, T, L, Dm)
-    inputs: Inputs = {
-        "u": randn(batch, T, L, Dm).to(dtype),
-        "delta": delta.to(dtype),
-        "A": (-rand(Dm, N) - 0.05).to(param_dtype),
-        "B": randn(batch, T, L, N).to(bc_dtype),
-        "C": randn(batch, T, L, N).to(bc_dtype),
-        "D": randn(Dm).to(param_dtype),
-        "z": randn(batch, T, L, Dm).to(dtype),
-        "delta_bias": (0.3 * rand(Dm) - (0.0 if positive_delta else 0.5)).to(param_dtype),
-        "initial_state": randn(batch, L, Dm, N).to(state_dtype(dtype)),
-    }
-    for name in OPTIONAL_NAMES:
-        if name not in optionals:
-            inputs[name] = None
-    return inputs
-
-
-def to_float64(inputs: Inputs) -> Inputs:
-    return {k: (v.to(torch.float64) if v is not None else None) for k, v in inputs.items()}
-
-
-def magnitude(t: Tensor) -> float:
-    """Scale for the absolute tolerance: errors grow with the size of what is computed."""
-    return max(1.0, t.detach().abs().max().item())
-
-
-def upstream(inputs: Inputs, seed: int) -> tuple[Tensor, Tensor]:
-    """A random gradient for y and one for the last state, in the dtypes the outputs have."""
-    u, A = inputs["u"], inputs["A"]
-    assert u is not None and A is not None
-    batch, _, L, Dm = u.shape
-    g = torch.Generator().manual_seed(seed + 1000)
-    grad_y = torch.randn(u.shape, generator=g, dtype=torch.float64).to(u.dtype)
-    grad_last = torch.randn(batch, L, Dm, A.shape[1], generator=g, dtype=torch.float64)
-    return grad_y, grad_last.to(state_dtype(u.dtype))
-
-
-ScanFn = Callable[..., tuple[Tensor, Tensor]]
-
-
-def backend_fn(backend: str) -> ScanFn:
-    def fn(**kwargs) -> tuple[Tensor, Tensor]:
-        return motion_scan(**kwargs, return_last_state=True, backend=backend)
-
-    return fn
-
-
-def ref_fn(**kwargs) -> tuple[Tensor, Tensor]:
-    return motion_scan_ref(**kwargs, return_last_state=True)
-
-
-def run_with_grads(
-    fn: ScanFn,
-    inputs: Inputs,
-    grad_y: Optional[Tensor],
-    grad_last: Optional[Tensor],
-    requires_grad: tuple[str, ...] = INPUT_NAMES,
-    **flags,
-) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Runs ``fn`` on fresh leaves and back-propagates the given upstream gradients."""
-    leaves = {
-        k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None)
-        for k, v in inputs.items()
-    }
-    y, last = fn(**leaves, **flags)
-    wrt = {k: v for k, v in leaves.items() if v is not None and v.requires_grad}
-    # An output the differentiated inputs do not reach (the last state, for C, D or z alone in
-    # the reference) has no graph: leave it out.
-    pairs = [
-        (o, g) for o, g in ((y, grad_y), (last, grad_last)) if g is not None and o.requires_grad
-    ]
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs], list(wrt.values()), [g for _, g in pairs], allow_unused=True
-    )
-    return y.detach(), last.detach(), {k: g for k, g in zip(wrt, grads)}
-
-
-def check_against_reference(inputs: Inputs, backend: str = "torch", seed: int = 0, **flags) -> None:
-    """``backend`` in the inputs' dtype against ``motion_scan_ref`` in float64 on the same
-    (rounded) inputs: y, last state and the gradient of every given input."""
-    u = inputs["u"]
-    assert u is not None
-    grad_y, grad_last = upstream(inputs, seed)
-    y, last, grads = run_with_grads(backend_fn(backend), inputs, grad_y, grad_last, **flags)
-    y_ref, last_ref, grads_ref = run_with_grads(
-        ref_fn, to_float64(inputs), grad_y.double(), grad_last.double(), **flags
-    )
-
-    assert y.dtype == u.dtype and y.shape == u.shape
-    assert last.dtype == state_dtype(u.dtype)
-    assert last.shape == (u.shape[0], u.shape[2], u.shape[3], inputs["A"].shape[1])
-    assert_close(y, y_ref, scale=magnitude(y_ref), msg="y")
-    assert_close(last, last_ref, scale=magnitude(last_ref), msg="last state")
-    assert grads.keys() == {k for k, v in inputs.items() if v is not None}
-    for name, grad in grads.items():
-        assert grad is not None, name
-        assert grad.dtype == inputs[name].dtype, name
-        expected = grads_ref[name]
-        assert_close(grad, expected, scale=magnitude(expected), msg=f"grad of {name}")
-
 
 # --------------------------------------------------------------------------------------------
 # against the oracle
@@ -176,14 +58,19 @@ SHAPES: list[Shape] = [
     (1, 6, 2, 3, 1),  # N = 1
     (3, 7, 5, 6, 5),  # odd sizes; 7 steps = segments of 3, 3, 1 in the backward
     (1, 10, 3, 2, 4),  # 10 steps = segments of 4, 4, 2
+    # D = 35: the CPU kernel runs channels in blocks of 32, so a full block and a partial one.
+    (1, 9, 2, 35, 3),
 ]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize(("backend", "dtype"), backend_dtype_params(BACKENDS, ALL_DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_torch_backend_matches_reference(shape: Shape, dtype: torch.dtype, reverse: bool) -> None:
-    check_against_reference(make_inputs(shape, dtype, seed=sum(shape)), reverse=reverse)
+def test_backend_matches_reference(
+    shape: Shape, backend: str, dtype: torch.dtype, reverse: bool
+) -> None:
+    inputs = make_inputs(shape, dtype, seed=sum(shape))
+    check_against_reference(inputs, backend, reverse=reverse)
 
 
 OPTION_COMBOS = list(itertools.product([False, True], repeat=6))
@@ -194,17 +81,23 @@ def _combo_id(combo: tuple[bool, ...]) -> str:
     return "-".join(n if on else f"no{n}" for n, on in zip(names, combo))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+# Every optional input and flag is its own code path in the compiled kernels (a null pointer, a
+# branch), so the whole product runs for each backend; the shapes are tiny.
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    backend_dtype_params(("torch", "cpu"), (torch.float64, torch.bfloat16))
+    + backend_dtype_params(("cuda",), (torch.float32, torch.bfloat16)),
+)
 @pytest.mark.parametrize("combo", OPTION_COMBOS, ids=_combo_id)
-def test_torch_backend_matches_reference_options(
-    combo: tuple[bool, ...], dtype: torch.dtype
+def test_backend_matches_reference_options(
+    combo: tuple[bool, ...], backend: str, dtype: torch.dtype
 ) -> None:
     *present, softplus, reverse = combo
     optionals = tuple(n for n, on in zip(OPTIONAL_NAMES, present) if on)
     inputs = make_inputs(
         (2, 5, 3, 4, 3), dtype, seed=7, optionals=optionals, positive_delta=not softplus
     )
-    check_against_reference(inputs, delta_softplus=softplus, reverse=reverse)
+    check_against_reference(inputs, backend, delta_softplus=softplus, reverse=reverse)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -214,13 +107,14 @@ def test_ref_backend_matches_reference(dtype: torch.dtype) -> None:
     check_against_reference(make_inputs((2, 5, 3, 4, 3), dtype, seed=3), backend="ref")
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("name", INPUT_NAMES)
-def test_gradient_of_each_input_alone(name: str) -> None:
+def test_gradient_of_each_input_alone(name: str, backend: str) -> None:
     # Only one input requires grad: the backward must not depend on the others' needs.
     inputs = make_inputs((2, 5, 3, 4, 3), torch.float32, seed=11)
     grad_y, grad_last = upstream(inputs, 11)
     _, _, grads = run_with_grads(
-        backend_fn("torch"), inputs, grad_y, grad_last, requires_grad=(name,)
+        backend_fn(backend), inputs, grad_y, grad_last, requires_grad=(name,)
     )
     _, _, grads_ref = run_with_grads(
         ref_fn, to_float64(inputs), grad_y.double(), grad_last.double(), requires_grad=(name,)
@@ -229,18 +123,25 @@ def test_gradient_of_each_input_alone(name: str) -> None:
     assert_close(grads[name], grads_ref[name], scale=magnitude(grads_ref[name]))
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("used", ["y", "last"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_gradient_through_one_output_only(used: str, reverse: bool) -> None:
+def test_gradient_through_one_output_only(used: str, reverse: bool, backend: str) -> None:
     # The other output's gradient reaches the backward as None.
-    inputs = make_inputs((2, 6, 3, 4, 3), torch.float64, seed=5)
+    inputs = make_inputs((2, 6, 3, 4, 3), precise_dtype(backend), seed=5)
     grad_y, grad_last = upstream(inputs, 5)
     if used == "y":
         grad_last = None
     else:
         grad_y = None
-    _, _, grads = run_with_grads(backend_fn("torch"), inputs, grad_y, grad_last, reverse=reverse)
-    _, _, grads_ref = run_with_grads(ref_fn, inputs, grad_y, grad_last, reverse=reverse)
+    _, _, grads = run_with_grads(backend_fn(backend), inputs, grad_y, grad_last, reverse=reverse)
+    _, _, grads_ref = run_with_grads(
+        ref_fn,
+        to_float64(inputs),
+        None if grad_y is None else grad_y.double(),
+        None if grad_last is None else grad_last.double(),
+        reverse=reverse,
+    )
     for name in INPUT_NAMES:
         expected = grads_ref[name]
         actual = grads[name]
@@ -250,7 +151,8 @@ def test_gradient_through_one_output_only(used: str, reverse: bool) -> None:
             assert_close(actual, expected, scale=magnitude(expected), msg=name)
 
 
-def test_non_contiguous_inputs() -> None:
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_inputs(backend: str) -> None:
     # Feature maps often arrive as permuted views; results must not depend on the strides.
     inputs = make_inputs((2, 5, 3, 4, 3), torch.float32, seed=2)
     strided = {
@@ -258,17 +160,19 @@ def test_non_contiguous_inputs() -> None:
         for k, v in inputs.items()
     }
     assert not strided["u"].is_contiguous()
-    check_against_reference(strided)
+    check_against_reference(strided, backend)
 
 
 # --------------------------------------------------------------------------------------------
 # gradcheck
 
 
+# float64 only: "cuda" has no float64 kernel and is covered by the comparisons above.
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("backend", ["torch", "ref", "cpu"])
 def test_gradcheck(backend: str, reverse: bool) -> None:
-    # T = 3 makes the torch backend's backward replay two segments (2 + 1 steps).
+    # T = 3 makes the backward of the torch and cpu backends replay two segments (2 + 1 steps).
+    device_for(backend)
     inputs = make_inputs((2, 3, 2, 2, 2), torch.float64, seed=13)
     leaves = tuple(inputs[k].detach().clone().requires_grad_() for k in INPUT_NAMES)
 
@@ -284,7 +188,9 @@ def test_gradcheck(backend: str, reverse: bool) -> None:
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_gradcheck_without_softplus() -> None:
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck_without_softplus(backend: str) -> None:
+    device_for(backend)
     inputs = make_inputs((1, 4, 2, 2, 3), torch.float64, seed=17, positive_delta=True)
     leaves = tuple(inputs[k].detach().clone().requires_grad_() for k in INPUT_NAMES)
 
@@ -294,7 +200,7 @@ def test_gradcheck_without_softplus() -> None:
             delta_softplus=False,
             initial_state=args[8],
             return_last_state=True,
-            backend="torch",
+            backend=backend,
         )
 
     assert torch.autograd.gradcheck(fn, leaves)
@@ -304,21 +210,22 @@ def test_gradcheck_without_softplus() -> None:
 # mixed precision
 
 
-def test_float32_B_C_with_bfloat16_activations() -> None:
+@pytest.mark.parametrize(("backend", "dtype"), backend_dtype_params(BACKENDS, HALF_DTYPES))
+def test_float32_B_C_with_half_activations(backend: str, dtype: torch.dtype) -> None:
     inputs = make_inputs(
-        (2, 5, 3, 4, 3), torch.bfloat16, seed=19, bc_dtype=torch.float32, param_dtype=torch.float32
+        (2, 5, 3, 4, 3), dtype, seed=19, bc_dtype=torch.float32, param_dtype=torch.float32
     )
-    check_against_reference(inputs)
+    check_against_reference(inputs, backend)
     # The grads of B and C were compared in float32 (their own dtype) above; check the dtypes
     # the caller gets back explicitly too.
     y, _, grads = run_with_grads(
-        backend_fn("torch"),
+        backend_fn(backend),
         inputs,
-        torch.ones(2, 5, 3, 4, dtype=torch.bfloat16),
+        torch.ones(2, 5, 3, 4, dtype=dtype),
         None,
     )
-    assert y.dtype == torch.bfloat16
-    assert grads["u"].dtype == grads["delta"].dtype == grads["z"].dtype == torch.bfloat16
+    assert y.dtype == dtype
+    assert grads["u"].dtype == grads["delta"].dtype == grads["z"].dtype == dtype
     assert grads["B"].dtype == grads["C"].dtype == grads["A"].dtype == torch.float32
 
 
@@ -340,8 +247,10 @@ def _to_mamba(inputs: Inputs) -> Inputs:
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "nosoftplus"])
 @pytest.mark.parametrize("optionals", [("D", "z", "delta_bias"), ()], ids=["D-z-bias", "bare"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_matches_mamba_selective_scan_ref(
     mamba_selective_scan_ref: Callable,
+    backend: str,
     optionals: tuple[str, ...],
     softplus: bool,
     reverse: bool,
@@ -356,9 +265,7 @@ def test_matches_mamba_selective_scan_ref(
     names = [k for k, v in inputs.items() if v is not None]
 
     leaves = {k: inputs[k].clone().requires_grad_() for k in names}
-    y, last = motion_scan(
-        **leaves, delta_softplus=softplus, reverse=reverse, return_last_state=True
-    )
+    y, last = scan(leaves, backend, delta_softplus=softplus, reverse=reverse)
 
     mamba_leaves = {k: inputs[k].clone().requires_grad_() for k in names}
     m = _to_mamba({**inputs, **mamba_leaves})
@@ -415,12 +322,12 @@ def test_loading_external_references_leaves_no_stand_ins(mamba_selective_scan_re
 # properties
 
 
-TIME_INPUTS = ("u", "delta", "B", "C", "z")  # the inputs with a T axis (dim 1)
+PROPERTY_BACKENDS = backend_params("torch", "ref", "cpu", "cuda")
 
 
-@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_reverse_is_flip_scan_flip(backend: str) -> None:
-    inputs = make_inputs((2, 7, 3, 4, 3), torch.float64, seed=29)
+    inputs = make_inputs((2, 7, 3, 4, 3), precise_dtype(backend), seed=29)
     flipped = {k: (v.flip(1) if k in TIME_INPUTS else v) for k, v in inputs.items()}
     grad_y, grad_last = upstream(inputs, 29)
     y, last, grads = run_with_grads(backend_fn(backend), inputs, grad_y, grad_last, reverse=True)
@@ -432,41 +339,17 @@ def test_reverse_is_flip_scan_flip(backend: str) -> None:
         assert_close(grads[name], expected, scale=magnitude(expected), msg=name)
 
 
-def _time_slice(inputs: Inputs, start: int, stop: int) -> Inputs:
-    return {
-        k: (v[:, start:stop] if k in TIME_INPUTS and v is not None else v)
-        for k, v in inputs.items()
-    }
-
-
-def _scan_in_chunks(
-    inputs: Inputs, bounds: list[int], reverse: bool, backend: str
-) -> tuple[Tensor, Tensor]:
-    """Scans the chunks ``[bounds[i], bounds[i+1])`` one call each, carrying the state: in time
-    order, or last chunk first for ``reverse``."""
-    chunks = list(zip(bounds[:-1], bounds[1:]))
-    ys: dict[int, Tensor] = {}
-    state = inputs["initial_state"]
-    for start, stop in reversed(chunks) if reverse else chunks:
-        part = _time_slice(inputs, start, stop)
-        part["initial_state"] = state
-        ys[start], state = motion_scan(
-            **part, reverse=reverse, return_last_state=True, backend=backend
-        )
-    return torch.cat([ys[start] for start, _ in chunks], dim=1), state
-
-
-@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("bounds", [[0, 4, 9], [0, 3, 6, 9], [0, 1, 8, 9]], ids=str)
 def test_streaming_in_chunks_equals_one_call(
     bounds: list[int], reverse: bool, backend: str
 ) -> None:
-    inputs = make_inputs((2, 9, 3, 4, 3), torch.float64, seed=31)
+    inputs = make_inputs((2, 9, 3, 4, 3), precise_dtype(backend), seed=31)
     grad_y, grad_last = upstream(inputs, 31)
 
     def chunked(**kwargs) -> tuple[Tensor, Tensor]:
-        return _scan_in_chunks(kwargs, bounds, reverse, backend)
+        return scan_in_chunks(kwargs, bounds, reverse, backend)
 
     y, last, grads = run_with_grads(backend_fn(backend), inputs, grad_y, grad_last, reverse=reverse)
     # The gradients of the chunked run flow through the carried states into the earlier chunks
@@ -478,26 +361,27 @@ def test_streaming_in_chunks_equals_one_call(
         assert_close(grads_c[name], grads[name], scale=magnitude(grads[name]), msg=name)
 
 
-def test_streaming_with_float32_state_from_half_inputs() -> None:
+@pytest.mark.parametrize("backend", backend_params())
+def test_streaming_with_float32_state_from_half_inputs(backend: str) -> None:
     # Under mixed precision the carried state stays float32, so chunking loses nothing.
     inputs = make_inputs((2, 8, 3, 4, 3), torch.bfloat16, seed=37)
-    y, last = motion_scan(**inputs, return_last_state=True, backend="torch")
-    y_c, last_c = _scan_in_chunks(inputs, [0, 3, 8], reverse=False, backend="torch")
+    y, last = scan(inputs, backend)
+    y_c, last_c = scan_in_chunks(inputs, [0, 3, 8], reverse=False, backend=backend)
     assert last_c.dtype == torch.float32
     assert_close(y_c, y)
     assert_close(last_c, last)
 
 
-@pytest.mark.parametrize("backend", ["torch", "ref"])
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_locations_are_independent(backend: str) -> None:
-    inputs = make_inputs((2, 5, 6, 4, 3), torch.float64, seed=41)
+    inputs = make_inputs((2, 5, 6, 4, 3), precise_dtype(backend), seed=41)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(41))
     permuted = {
         k: (v[:, :, perm] if k in TIME_INPUTS else v[:, perm] if k == "initial_state" else v)
         for k, v in inputs.items()
     }
-    y, last = motion_scan(**inputs, return_last_state=True, backend=backend)
-    y_p, last_p = motion_scan(**permuted, return_last_state=True, backend=backend)
+    y, last = scan(inputs, backend)
+    y_p, last_p = scan(permuted, backend)
     assert_close(y_p, y[:, :, perm])
     assert_close(last_p, last[:, perm])
 
@@ -506,32 +390,37 @@ def test_locations_are_independent(backend: str) -> None:
     for k in TIME_INPUTS:
         changed[k][:, :, 0] += 1.0
     changed["initial_state"][:, 0] += 1.0
-    y_c, last_c = motion_scan(**changed, return_last_state=True, backend=backend)
+    y_c, last_c = scan(changed, backend)
     assert torch.equal(y_c[:, :, 1:], y[:, :, 1:])
     assert torch.equal(last_c[:, 1:], last[:, 1:])
     assert not torch.equal(y_c[:, :, 0], y[:, :, 0])
 
 
-def test_optional_defaults_are_neutral() -> None:
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
+def test_optional_defaults_are_neutral(backend: str) -> None:
     # D=None is D=0, z=None is no gate, delta_bias=None is a zero bias, no initial_state is zeros.
     shape = (2, 5, 3, 4, 3)
-    full = make_inputs(shape, torch.float64, seed=43)
-    bare = make_inputs(shape, torch.float64, seed=43, optionals=())
-    y, last = motion_scan(**bare, return_last_state=True)
-    y0, last0 = motion_scan(
-        **{
+    dtype = precise_dtype(backend)
+    full = make_inputs(shape, dtype, seed=43)
+    bare = make_inputs(shape, dtype, seed=43, optionals=())
+    y, last = scan(bare, backend)
+    y0, last0 = scan(
+        {
             **bare,
             "D": torch.zeros_like(full["D"]),
             "delta_bias": torch.zeros_like(full["delta_bias"]),
             "initial_state": torch.zeros_like(full["initial_state"]),
         },
-        return_last_state=True,
+        backend,
     )
     assert_close(y, y0)
     assert_close(last, last0)
-    assert torch.equal(motion_scan(**bare), y)  # return_last_state=False: y alone
+    # return_last_state=False: y alone.
+    present = to_device({k: v for k, v in bare.items() if v is not None}, device_for(backend))
+    assert torch.equal(motion_scan(**present, backend=backend).cpu(), y)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(1, 2),
@@ -545,6 +434,7 @@ def test_optional_defaults_are_neutral() -> None:
     seed=st.integers(0, 2**16),
 )
 def test_random_configurations_match_reference(
+    backend: str,
     batch: int,
     T: int,
     L: int,
@@ -562,7 +452,7 @@ def test_random_configurations_match_reference(
         optionals=tuple(optionals),
         positive_delta=not softplus,
     )
-    check_against_reference(inputs, seed=seed, delta_softplus=softplus, reverse=reverse)
+    check_against_reference(inputs, backend, seed=seed, delta_softplus=softplus, reverse=reverse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,7 +467,8 @@ def _bytes_saved_for_backward(backend: str, inputs: Inputs) -> int:
         total += t.numel() * t.element_size()
         return t
 
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    device = device_for(backend)
+    leaves = {k: v.detach().clone().to(device).requires_grad_() for k, v in inputs.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y, last = motion_scan(**leaves, return_last_state=True, backend=backend)
     # The saved tensors must still be enough for the backward.
@@ -586,13 +477,14 @@ def _bytes_saved_for_backward(backend: str, inputs: Inputs) -> int:
     return total
 
 
-def test_torch_backend_does_not_keep_per_step_states() -> None:
+@pytest.mark.parametrize("backend", backend_params())
+def test_backend_does_not_keep_per_step_states(backend: str) -> None:
     batch, T, L, Dm, N = shape = (2, 16, 4, 8, 16)
     inputs = make_inputs(shape, torch.float32, seed=47)
     all_states = batch * T * L * Dm * N * torch.float32.itemsize
-    saved_torch = _bytes_saved_for_backward("torch", inputs)
+    saved = _bytes_saved_for_backward(backend, inputs)
     saved_ref = _bytes_saved_for_backward("ref", inputs)
-    assert saved_torch < all_states
+    assert saved < all_states
     # The reference's autograd keeps the per-step states: the bound above can fail.
     assert saved_ref > all_states
 
@@ -602,7 +494,11 @@ def test_torch_backend_does_not_keep_per_step_states() -> None:
 
 
 def test_available_backends() -> None:
-    assert {"torch", "ref"} <= set(available_backends())
+    available = set(available_backends())
+    assert {"torch", "ref"} <= available
+    # The compiled CPU kernel is built for the tests (on first use if need be).
+    assert "cpu" in available, backend_status("cpu")[1]
+    assert ("cuda" in available) <= torch.cuda.is_available()
 
 
 def test_env_var_forces_ref_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -613,9 +509,17 @@ def test_env_var_forces_ref_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     torch_node = type(motion_scan(**leaves, backend="torch").grad_fn)
     assert ref_node is not torch_node
 
+    # Without the variable, "auto" on CPU tensors is the compiled kernel when it loads (else
+    # the torch backend, after a warning: see test_ops_compiled.py).
     monkeypatch.delenv("PKS4_BACKEND", raising=False)
+    auto = "cpu" if backend_status("cpu")[0] else "torch"
+    auto_node = type(motion_scan(**leaves, backend=auto).grad_fn)
+    assert auto_node is not ref_node
+    assert type(motion_scan(**leaves).grad_fn) is auto_node
+    assert torch.equal(motion_scan(**inputs), motion_scan(**inputs, backend=auto))
+
+    monkeypatch.setenv("PKS4_BACKEND", "torch")
     assert type(motion_scan(**leaves).grad_fn) is torch_node
-    assert torch.equal(motion_scan(**inputs), motion_scan(**inputs, backend="torch"))
 
     monkeypatch.setenv("PKS4_BACKEND", "ref")
     y, last = motion_scan(**inputs, return_last_state=True, backend="auto")
@@ -721,15 +625,19 @@ BAD_CALLS = [
 ]
 
 
+# The arguments are checked before a backend is chosen: the compiled one raises the same errors.
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize(
     ("mutate", "exc", "name"),
     [pytest.param(m, e, n, id=i) for i, m, e, n in BAD_CALLS],
 )
-def test_invalid_arguments(mutate: Callable[[Inputs], Inputs], exc: type, name: str) -> None:
+def test_invalid_arguments(
+    mutate: Callable[[Inputs], Inputs], exc: type, name: str, backend: str
+) -> None:
     inputs = mutate(make_inputs(BAD_SHAPE, torch.float32))
     # The message starts with the offending argument's name.
     with pytest.raises(exc, match=rf"^{name}: "):
-        motion_scan(**inputs, backend="torch")
+        motion_scan(**inputs, backend=backend)
 
 
 def test_unknown_backend_name() -> None:
@@ -738,8 +646,10 @@ def test_unknown_backend_name() -> None:
         motion_scan(**inputs, backend="cuda-fast")
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_float32_B_C_allowed_with_half_u(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("backend", "dtype"), backend_dtype_params(BACKENDS, HALF_DTYPES))
+def test_float32_B_C_allowed_with_half_u(backend: str, dtype: torch.dtype) -> None:
     # The one dtype mix validation allows: B and C in float32 under mixed precision.
     inputs = make_inputs((1, 2, 1, 2, 2), dtype, bc_dtype=torch.float32)
-    assert motion_scan(**inputs).dtype == dtype
+    y, last = scan(inputs, backend)
+    assert y.dtype == dtype
+    assert last.dtype == torch.float32

@@ -7,12 +7,13 @@ Two shared libraries register the kernels with PyTorch's dispatcher when loaded:
 * ``pks4_cuda``: their CUDA implementations, loaded after the CPU one.
 
 Each is taken from the installed package when it was built ahead of time
-(``PKS4_BUILD_EXT=1 pip install --no-build-isolation -e .``), and otherwise compiled on first
-use with ``torch.utils.cpp_extension.load`` and ninja into a per-user cache
-(``$PKS4_CACHE_DIR``, else ``$XDG_CACHE_HOME/pks4_layers``, else ``~/.cache/pks4_layers``),
-once: the cache folder's name holds a hash of the sources, the flags, and the torch, CUDA and
-Python versions, so an upgraded torch never loads a stale binary. A failed build is reported
-once, with its reason, and the caller falls back to the ``torch`` backend.
+(``PKS4_BUILD_EXT=1 pip install --no-build-isolation -e .``), and otherwise (or with
+``PKS4_FORCE_JIT=1``) compiled on first use with ``torch.utils.cpp_extension.load`` and ninja
+into a per-user cache (``$PKS4_CACHE_DIR``, else ``$XDG_CACHE_HOME/pks4_layers``, else
+``~/.cache/pks4_layers``), once: the cache folder's name holds a hash of the sources, the
+flags, and the torch, CUDA and Python versions, so an upgraded torch never loads a stale
+binary. A failed build is reported once, with its reason, and the caller falls back to the
+``torch`` backend.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ _status: dict[str, ExtensionStatus] = {}
 
 def csrc_dir() -> Optional[Path]:
     """The kernel sources: shipped inside the package, or ``csrc/`` of a source checkout."""
-    for candidate in (_PACKAGE_DIR / "_csrc" / "motion_scan",
-                      _PACKAGE_DIR.parent.parent / "csrc" / "motion_scan"):
+    for candidate in (
+        _PACKAGE_DIR / "_csrc" / "motion_scan",
+        _PACKAGE_DIR.parent.parent / "csrc" / "motion_scan",
+    ):
         if (candidate / "motion_scan.h").is_file():
             return candidate
     return None
@@ -141,17 +144,22 @@ def _source_hash(names: tuple[str, ...], extra: list[str]) -> str:
 
 
 def _prebuilt(stem: str) -> Optional[Path]:
-    found = sorted(_PACKAGE_DIR.glob(f"{stem}*.so")) + sorted(_PACKAGE_DIR.glob(f"{stem}*.pyd"))
+    # "_C.cpython-311-x86_64-linux-gnu.so" or "_C.so", never "_C_cuda...".
+    found = sorted(_PACKAGE_DIR.glob(f"{stem}.*so")) + sorted(_PACKAGE_DIR.glob(f"{stem}.*pyd"))
     return found[0] if found else None
 
 
 def _jit_build(kind: str) -> Path:
     """Compile one extension into the cache (once) and return the library's path."""
+    home = find_cuda_home()
+    if home is not None and not os.environ.get("CUDA_HOME"):
+        # torch guesses the toolkit from the folder of `nvcc`, wrong for a wrapper script.
+        os.environ["CUDA_HOME"] = home
     from torch.utils import cpp_extension
 
     src = csrc_dir()
     if src is None:
-        raise RuntimeError("the kernel sources (csrc/motion_scan) are not shipped with this install")
+        raise RuntimeError("the kernel sources (csrc/motion_scan) are not part of this install")
     if kind == "cpu":
         sources, flags = CPU_SOURCES, CPU_CFLAGS + CPU_LDFLAGS
     else:
@@ -178,11 +186,9 @@ def _jit_build(kind: str) -> Path:
         verbose=os.environ.get("PKS4_VERBOSE_BUILD", "") == "1",
     )
     if kind == "cuda":
-        home = find_cuda_home()
         if home is None:
             raise RuntimeError("no CUDA toolkit found (set CUDA_HOME)")
         cpp_extension.CUDA_HOME = home
-        os.environ.setdefault("CUDA_HOME", home)
         kwargs["extra_cuda_cflags"] = NVCC_FLAGS + cuda_arch_flags()
         kwargs["extra_include_paths"] += cuda_extra_include_dirs()
     cpp_extension.load(**kwargs)  # loads the library into the process too
@@ -209,7 +215,8 @@ def load(kind: str) -> ExtensionStatus:
                 return status
         stem = "_C" if kind == "cpu" else "_C_cuda"
         try:
-            prebuilt = _prebuilt(stem)
+            force_jit = os.environ.get("PKS4_FORCE_JIT", "") == "1"
+            prebuilt = None if force_jit else _prebuilt(stem)
             if prebuilt is not None:
                 torch.ops.load_library(str(prebuilt))
                 status.origin = f"prebuilt {prebuilt.name}"

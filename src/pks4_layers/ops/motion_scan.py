@@ -24,23 +24,34 @@ Backends:
     them (:mod:`pks4_layers.ops.torch_backend`). Any device.
 ``"ref"``
     :func:`pks4_layers.ops.motion_scan_ref`, the oracle: a plain loop, autograd backward.
+``"cpu"``, ``"cuda"``
+    the compiled kernels of ``csrc/motion_scan`` registered as the custom op
+    ``pks4::motion_scan_fwd`` (:mod:`pks4_layers.ops.compiled`); built on first use when the
+    package was installed without them. float64 runs on ``"cpu"`` but not on ``"cuda"``.
+``"mamba"``
+    mamba-ssm's ``selective_scan_fn`` when its CUDA build is installed (no ``initial_state``).
 ``"auto"``
-    the fastest backend available for the inputs' device; the environment variable
-    ``PKS4_BACKEND`` overrides the choice.
+    the compiled kernel for the inputs' device, or ``"torch"`` with one warning saying why
+    the kernel is unavailable (float64 on CUDA goes to ``"torch"`` silently); the
+    environment variable ``PKS4_BACKEND`` (``torch``, ``cpu``, ``cuda``, ``mamba``, ``ref``)
+    forces one.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from . import compiled, mamba_backend
 from .reference import motion_scan_ref
 from .torch_backend import motion_scan_torch
 
 BACKEND_ENV_VAR = "PKS4_BACKEND"
+KNOWN_BACKENDS = ("cpu", "cuda", "mamba", "ref", "torch")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -54,29 +65,87 @@ def _ref_backend(*args, **kwargs) -> tuple[Tensor, Tensor]:
 _BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "torch": motion_scan_torch,
     "ref": _ref_backend,
+    "cpu": compiled.motion_scan_compiled,
+    "cuda": compiled.motion_scan_compiled,
+    "mamba": mamba_backend.motion_scan_mamba,
 }
+
+# name -> (usable, reason); filled on first use so that a traced model only reads a dict.
+_status: dict[str, tuple[bool, str]] = {}
+_warned: set[str] = set()
+
+
+# Under torch.compile these two run eagerly at trace time and their results become constants:
+# loading (or building) an extension cannot be traced, and need not be.
+@torch.compiler.assume_constant_result
+def backend_status(name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` can run here, and why not (the compiled ones build on first use)."""
+    if name not in _status:
+        if name in ("ref", "torch"):
+            _status[name] = (True, "")
+        elif name in ("cpu", "cuda"):
+            ext = compiled.load(name)
+            _status[name] = (ext.loaded, ext.reason)
+        elif name == "mamba":
+            _status[name] = mamba_backend.status()
+        else:
+            raise ValueError(f"backend: expected one of {list(KNOWN_BACKENDS)}, got {name!r}")
+    return _status[name]
 
 
 def available_backends() -> list[str]:
-    """Names accepted by ``backend=`` besides ``"auto"``."""
-    return sorted(_BACKENDS)
+    """The backends that can run on this machine (``"auto"`` picks among them)."""
+    return [name for name in KNOWN_BACKENDS if backend_status(name)[0]]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that ``backend`` stands for on ``device``."""
+@torch.compiler.assume_constant_result
+def _fallback(name: str) -> str:
+    """The ``torch`` backend in place of an unavailable compiled one, said once."""
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"pks4_layers: the compiled '{name}' backend is unavailable "
+            f"({backend_status(name)[1]}); using the 'torch' backend instead",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of motion_scan
+        )
+    return "torch"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that ``backend`` stands for with inputs on ``device`` of ``dtype``."""
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV_VAR, "").strip()
         if forced:
-            if forced not in _BACKENDS:
+            if forced not in KNOWN_BACKENDS:
                 raise ValueError(
-                    f"{BACKEND_ENV_VAR}: expected one of {available_backends()}, got {forced!r}"
+                    f"{BACKEND_ENV_VAR}: expected one of {list(KNOWN_BACKENDS)}, got {forced!r}"
                 )
-            return forced
-        return "torch"
-    if backend not in _BACKENDS:
+            backend = forced
+        elif device.type == "cpu":
+            return "cpu" if backend_status("cpu")[0] else _fallback("cpu")
+        elif device.type == "cuda" and dtype != torch.float64:
+            return "cuda" if backend_status("cuda")[0] else _fallback("cuda")
+        else:
+            return "torch"
+    if backend not in KNOWN_BACKENDS:
         raise ValueError(
-            f"backend: expected 'auto' or one of {available_backends()}, got {backend!r}"
+            f"backend: expected 'auto' or one of {list(KNOWN_BACKENDS)}, got {backend!r}"
         )
+    if backend in ("cpu", "cuda", "mamba"):
+        wanted = "cpu" if backend == "cpu" else "cuda"
+        if device.type != wanted:
+            raise ValueError(
+                f"u: backend {backend!r} expected {wanted.upper()} tensors, got device {device}"
+            )
+        if backend != "cpu" and dtype == torch.float64:
+            raise ValueError(
+                f"u: backend {backend!r} expected float16, bfloat16 or float32, got {dtype} "
+                "(float64 runs on the 'torch' and 'ref' backends)"
+            )
+        usable, reason = backend_status(backend)
+        if not usable:
+            raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
     return backend
 
 
@@ -176,7 +245,8 @@ def motion_scan(
         reverse: scan from the last frame to the first.
         initial_state: state before the first scanned frame, ``(batch, L, D, N)``.
         return_last_state: also return the state after the last scanned frame.
-        backend: ``"auto"``, ``"torch"`` or ``"ref"`` (see the module docstring).
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"torch"``, ``"ref"`` or ``"mamba"``
+            (see the module docstring).
 
     Returns:
         ``y`` of shape ``(batch, T, L, D)`` in ``u``'s dtype, and with ``return_last_state`` the
@@ -184,7 +254,7 @@ def motion_scan(
         frames ``0..T-1`` at once equals scanning two chunks with the state carried across.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    name = resolve_backend(backend, u.device)
+    name = resolve_backend(backend, u.device, u.dtype)
     y, last_state = _BACKENDS[name](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state
     )

@@ -1,0 +1,120 @@
+// Forward of the motion-gated selective scan on CUDA.
+//
+// One thread per (batch, location, channel) sequence, its N states in registers (see
+// cuda_common.cuh for the work split). The steps are taken in chunks: the block loads B_t and
+// C_t of a chunk of steps into shared memory once, then every thread scans the chunk. The
+// arithmetic of a step is that of the CPU kernel (motion_scan_fwd_cpu.cpp): the same functions
+// of motion_scan.h, in the same order.
+#include <cuda_runtime.h>
+
+#include "cuda_common.cuh"
+#include "motion_scan.h"
+
+namespace pks4 {
+namespace cuda {
+namespace {
+
+// Floats of B (and as many of C) staged in shared memory per chunk: 4 KB each.
+constexpr int kFwdChunkElems = 1024;
+
+template <typename Ktraits>
+__global__ void __launch_bounds__(kThreads)
+    motion_scan_fwd_kernel(const MotionScanParams p) {
+  constexpr int kMaxN = Ktraits::kMaxN;
+  constexpr int kChunk = kFwdChunkElems / kMaxN;  // steps per chunk
+  using input_t = typename Ktraits::input_t;
+  using bc_t = typename Ktraits::bc_t;
+
+  __shared__ float smem_B[kChunk * kMaxN];
+  __shared__ float smem_C[kChunk * kMaxN];
+
+  const int64_t T = p.seqlen, L = p.nloc, Dm = p.dim;
+  const int N = static_cast<int>(p.dstate);
+  const bool use_softplus = p.delta_softplus;
+  const ThreadPos pos = thread_pos(p);
+  const int64_t b = pos.b, l = pos.l, d = pos.d;
+  const bool live = pos.live;
+
+  const auto* __restrict__ u = static_cast<const input_t*>(p.u);
+  const auto* __restrict__ delta = static_cast<const input_t*>(p.delta);
+  const auto* __restrict__ z = static_cast<const input_t*>(p.z);
+  const auto* __restrict__ A = static_cast<const float*>(p.A);
+  const auto* __restrict__ Dskip = static_cast<const float*>(p.D);
+  const auto* __restrict__ bias = static_cast<const float*>(p.delta_bias);
+  const auto* __restrict__ h0 = static_cast<const float*>(p.initial_state);
+  auto* __restrict__ y = static_cast<input_t*>(p.y);
+  auto* __restrict__ last = static_cast<float*>(p.last_state);
+
+  // Per-thread constants; a thread past D keeps zeros and stays inert (u = 0 keeps h = 0).
+  const float dv = live && Dskip ? Dskip[d] : 0.0f;
+  const float bv = live && bias ? bias[d] : 0.0f;
+  const int64_t state_off = (pos.row * Dm + d) * N;  // (b, l, d, 0) of a (batch, L, D, N) state
+  float a[kMaxN], h[kMaxN];
+#pragma unroll
+  for (int n = 0; n < kMaxN; ++n) {
+    if (n < N) {
+      a[n] = live ? A[d * N + n] : 0.0f;
+      h[n] = live && h0 ? h0[state_off + n] : 0.0f;
+    }
+  }
+
+  for (int64_t s0 = 0; s0 < T; s0 += kChunk) {
+    const int len = static_cast<int>(T - s0 < kChunk ? T - s0 : kChunk);
+    __syncthreads();  // the previous chunk is consumed by every thread
+    load_bc<kMaxN, bc_t>(p, b, l, s0, len, smem_B, smem_C);
+    __syncthreads();
+    for (int i = 0; i < len; ++i) {
+      const int64_t t = time_index(s0 + i, T, p.reverse);
+      const int64_t off = ((b * T + t) * L + l) * Dm + d;  // (b, t, l, d)
+      const float uu = live ? to_float(u[off]) : 0.0f;
+      const float pre = live ? to_float(delta[off]) : 0.0f;
+      const float zz = live && z ? to_float(z[off]) : 0.0f;
+      const float dt = step_size<float>(pre + bv, use_softplus);
+      const float dtu = dt * uu;
+      float acc = dv * uu;
+      const float* sB = smem_B + i * kMaxN;
+      const float* sC = smem_C + i * kMaxN;
+#pragma unroll
+      for (int n = 0; n < kMaxN; ++n) {
+        if (n < N) {
+          update_state<float>(h[n], dt, a[n], dtu, sB[n]);
+          acc += sC[n] * h[n];
+        }
+      }
+      if (z) acc *= zz * sigmoid<float>(zz);
+      if (live) y[off] = from_float<input_t>(acc);
+    }
+  }
+
+  if (live) {
+#pragma unroll
+    for (int n = 0; n < kMaxN; ++n) {
+      if (n < N) last[state_off + n] = h[n];
+    }
+  }
+}
+
+template <typename Ktraits>
+void launch_fwd(const MotionScanParams& p, cudaStream_t stream) {
+  const dim3 grid = scan_grid(p, "motion_scan_fwd");
+  motion_scan_fwd_kernel<Ktraits><<<grid, kThreads, 0, stream>>>(p);
+}
+
+}  // namespace
+}  // namespace cuda
+
+void motion_scan_fwd_cuda(const MotionScanParams& p, void* stream) {
+  using namespace cuda;
+  const char* op = "motion_scan_fwd";
+  dispatch_kinds(p, op, [&](auto in_tag, auto bc_tag) {
+    using input_t = typename decltype(in_tag)::type;
+    using bc_t = typename decltype(bc_tag)::type;
+    dispatch_state(p, op, [&](auto max_n) {
+      constexpr int kMaxN = decltype(max_n)::value;
+      if (scan_is_empty(p)) return;
+      launch_fwd<ScanTraits<kMaxN, input_t, bc_t>>(p, static_cast<cudaStream_t>(stream));
+    });
+  });
+}
+
+}  // namespace pks4
