@@ -696,3 +696,13 @@ def test_compile_fullgraph_block_on_cuda(fresh_dynamo) -> None:
     torch.testing.assert_close(grad_x_c, grad_x, **tol)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_c[name], grad, **tol, msg=name)
+
+
+def test_large_state_on_cuda_routes_to_torch():
+    """The CUDA kernel holds at most 64 states per sequence in registers: "auto" sends larger
+    states to the torch backend, an explicit "cuda" says why it cannot."""
+    resolve = motion_scan_module.resolve_backend
+    cuda = torch.device("cuda")
+    assert resolve("auto", cuda, torch.float32, 65) == "torch"
+    with pytest.raises(ValueError, match=r"^A: backend 'cuda' expected a state size N <= 64"):
+        resolve("cuda", cuda, torch.float32, 65)

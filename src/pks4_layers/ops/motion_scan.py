@@ -32,7 +32,7 @@ Backends:
     mamba-ssm's ``selective_scan_fn`` when its CUDA build is installed (no ``initial_state``).
 ``"auto"``
     the compiled kernel for the inputs' device, or ``"torch"`` with one warning saying why
-    the kernel is unavailable (float64 on CUDA goes to ``"torch"`` silently); the
+    the kernel is unavailable (float64, or N > 64, on CUDA goes to ``"torch"`` silently); the
     environment variable ``PKS4_BACKEND`` (``torch``, ``cpu``, ``cuda``, ``mamba``, ``ref``)
     forces one.
 """
@@ -112,8 +112,15 @@ def _fallback(name: str) -> str:
     return "torch"
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that ``backend`` stands for with inputs on ``device`` of ``dtype``."""
+# The CUDA kernel keeps the N states of a sequence in registers, for N up to this.
+CUDA_MAX_STATE = 64
+
+
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, dstate: int = 16
+) -> str:
+    """The concrete backend that ``backend`` stands for with inputs on ``device`` of ``dtype``
+    and a state of size ``dstate``."""
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV_VAR, "").strip()
         if forced:
@@ -124,7 +131,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             backend = forced
         elif device.type == "cpu":
             return "cpu" if backend_status("cpu")[0] else _fallback("cpu")
-        elif device.type == "cuda" and dtype != torch.float64:
+        elif device.type == "cuda" and dtype != torch.float64 and dstate <= CUDA_MAX_STATE:
             return "cuda" if backend_status("cuda")[0] else _fallback("cuda")
         else:
             return "torch"
@@ -142,6 +149,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise ValueError(
                 f"u: backend {backend!r} expected float16, bfloat16 or float32, got {dtype} "
                 "(float64 runs on the 'torch' and 'ref' backends)"
+            )
+        if backend == "cuda" and dstate > CUDA_MAX_STATE:
+            raise ValueError(
+                f"A: backend 'cuda' expected a state size N <= {CUDA_MAX_STATE}, got N={dstate} "
+                "(larger states run on the 'torch' backend)"
             )
         usable, reason = backend_status(backend)
         if not usable:
@@ -254,7 +266,7 @@ def motion_scan(
         frames ``0..T-1`` at once equals scanning two chunks with the state carried across.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    name = resolve_backend(backend, u.device, u.dtype)
+    name = resolve_backend(backend, u.device, u.dtype, A.shape[1])
     y, last_state = _BACKENDS[name](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state
     )
