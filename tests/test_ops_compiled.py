@@ -468,8 +468,13 @@ CHECKPOINT_T = [1, 2, 7, 8, 9, 63, 64, 65]
     ("backend", "dtype"), backend_dtype_params(COMPILED_BACKENDS, (torch.float64, torch.float32))
 )
 @pytest.mark.parametrize("T", CHECKPOINT_T)
-def test_backward_segment_boundaries(T: int, backend: str, dtype: torch.dtype, reverse: bool):
-    inputs = make_inputs((2, T, 2, 3, 2), dtype, seed=T)
+# The kernels' segment length depends on the state size (the CPU kernel fits a segment's states
+# in a cache-sized buffer: 7 steps for N = 64 in float64, the whole clip for N = 2).
+@pytest.mark.parametrize("N", [2, 64])
+def test_backward_segment_boundaries(
+    T: int, N: int, backend: str, dtype: torch.dtype, reverse: bool
+):
+    inputs = make_inputs((2, T, 2, 3, N), dtype, seed=T)
     check_against_reference(inputs, backend, seed=T, reverse=reverse)
 
 

@@ -1,10 +1,13 @@
 // Backward of the motion-gated selective scan on the CPU.
 //
 // No per-step state is stored between forward and backward. For each (batch, location) row
-// and block of kLanes channels, a first pass replays the forward and keeps the state every
-// `segment` steps (about sqrt(T), at most 8); then each segment, last to first, is replayed
-// from its checkpoint, keeping its states and decays, and walked backward. The recurrence is
-// never run backwards through a division by exp(dt A), which is unstable once it underflows.
+// and block of kLanes channels, a first pass replays the forward and keeps the state at the
+// start of every segment; then each segment, last to first, is replayed from its checkpoint,
+// keeping its states and decays in a per-thread buffer, and walked backward. Segments are as
+// long as that buffer allows (cache-sized, see cpu_segment): for the usual clip lengths the
+// whole clip is one segment and the first pass disappears, so the backward computes each
+// decay exp(dt A) once. The recurrence is never run backwards through a division by
+// exp(dt A), which is unstable once it underflows.
 //
 // Partial sums: dB_t and dC_t are summed over D inside the row (one task owns all channels of
 // a location), dA, dD and d(delta_bias) are left per row and summed by the caller in a fixed
@@ -20,10 +23,20 @@ namespace pks4 {
 namespace cpu {
 namespace {
 
+// Steps per segment: the segment's states and decays, (K + 1) + K arrays of N x kLanes, stay
+// within about 256 KiB per thread (the L2 cache of one core); checkpoints cover longer clips.
+template <typename acc_t>
+int64_t cpu_segment(int64_t T, int64_t N) {
+  const int64_t per_step = 2 * N * kLanes * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t fit = (int64_t(256) * 1024) / per_step - 1;
+  return std::max<int64_t>(1, std::min<int64_t>(T, fit));
+}
+
 template <typename in_t, typename bc_t, typename acc_t>
-void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end) {
+PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
+                                   int64_t row_end) {
   const int64_t T = p.seqlen, L = p.nloc, Dm = p.dim, N = p.dstate;
-  const int64_t K = p.segment, num_chk = num_checkpoints(T, K);
+  const int64_t K = cpu_segment<acc_t>(T, N), num_chk = num_checkpoints(T, K);
   const int64_t NL = N * kLanes;
   const auto* u = static_cast<const in_t*>(p.u);
   const auto* delta = static_cast<const in_t*>(p.delta);
@@ -52,7 +65,9 @@ void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end
   std::vector<acc_t> seg_dt(K * kLanes), seg_pre(K * kLanes), seg_y(K * kLanes);
   alignas(64) acc_t dv[kLanes], bv[kLanes], uu[kLanes], pre[kLanes], dt[kLanes], dtu[kLanes];
   alignas(64) acc_t acc[kLanes], gys[kLanes], gdt[kLanes], gwrite[kLanes];
-  alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes];
+  alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes], zz[kLanes], gz[kLanes], gu[kLanes];
+  alignas(64) acc_t gdelta[kLanes];
+  const bool softplus = p.delta_softplus;
 
   // Loads B_t, C_t of location `loc`, u_t and the biased logit of this channel block.
   auto load_step = [&](int64_t loc, int64_t d0, int64_t nd) {
@@ -61,14 +76,12 @@ void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end
       cn[n] = static_cast<acc_t>(C[loc * N + n]);
     }
     const int64_t off = loc * Dm + d0;
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const bool live = j < nd;
-      uu[j] = live ? static_cast<acc_t>(u[off + j]) : acc_t(0);
-      pre[j] = live ? static_cast<acc_t>(delta[off + j]) + bv[j] : acc_t(0);
-    }
+    load_lanes(u + off, nd, uu);
+    load_lanes(delta + off, nd, pre);
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) {
-      dt[j] = step_size<acc_t>(pre[j], p.delta_softplus);
+      pre[j] += bv[j];
+      dt[j] = step_size<acc_t>(pre[j], softplus);
       dtu[j] = dt[j] * uu[j];
     }
   };
@@ -91,9 +104,9 @@ void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end
         }
       }
 
-      // Pass 1: the state at the start of every segment.
-      for (int64_t s = 0; s < T; ++s) {
-        if (s % K == 0) std::copy(h.begin(), h.end(), checkpoints.begin() + (s / K) * NL);
+      // Pass 1: the state at the start of every segment (nothing to do for a single one).
+      std::copy(h.begin(), h.end(), checkpoints.begin());
+      for (int64_t s = 0; s < (num_chk - 1) * K; ++s) {
         const int64_t t = time_index(s, T, p.reverse);
         load_step((b * T + t) * L + l, d0, nd);
         for (int64_t n = 0; n < N; ++n) {
@@ -103,6 +116,8 @@ void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end
 #pragma omp simd
           for (int64_t j = 0; j < kLanes; ++j) update_state<acc_t>(hn[j], dt[j], an[j], dtu[j], bnv);
         }
+        if ((s + 1) % K == 0)
+          std::copy(h.begin(), h.end(), checkpoints.begin() + ((s + 1) / K) * NL);
       }
 
       // Pass 2: segments from last to first.
@@ -143,21 +158,23 @@ void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end
             cn[n] = static_cast<acc_t>(C[loc * N + n]);
           }
           const acc_t* dti = seg_dt.data() + i * kLanes;
-          // Gradient through the skip and the gate: y = (<C, h> + D u) * silu(z).
-          for (int64_t j = 0; j < kLanes; ++j) {
-            const bool live = j < nd;
-            const acc_t g = live ? static_cast<acc_t>(gy_in[off + j]) : acc_t(0);
-            uu[j] = live ? static_cast<acc_t>(u[off + j]) : acc_t(0);
-            if (z && live) {
-              const acc_t zj = static_cast<acc_t>(z[off + j]);
+          const acc_t* yi = seg_y.data() + i * kLanes;
+          load_lanes(gy_in + off, nd, gys);
+          load_lanes(u + off, nd, uu);
+          if (z) {
+            // Gradient through the gate: y = (<C, h> + D u) * silu(z).
+            load_lanes(z + off, nd, zz);
+#pragma omp simd
+            for (int64_t j = 0; j < kLanes; ++j) {
+              const acc_t g = gys[j], zj = zz[j];
               const acc_t sz = sigmoid<acc_t>(zj);
-              const acc_t y_pre = seg_y[i * kLanes + j] + dv[j] * uu[j];
+              gz[j] = g * (yi[j] + dv[j] * uu[j]) * sz * (acc_t(1) + zj * (acc_t(1) - sz));
               gys[j] = g * zj * sz;
-              grad_z[off + j] =
-                  static_cast<in_t>(g * y_pre * sz * (acc_t(1) + zj * (acc_t(1) - sz)));
-            } else {
-              gys[j] = g;
             }
+            store_lanes(gz, nd, grad_z + off);
+          }
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) {
             dtu[j] = dti[j] * uu[j];
             gdt[j] = gwrite[j] = acc_t(0);
           }
@@ -189,14 +206,17 @@ void backward_rows(const MotionScanParams& p, int64_t row_begin, int64_t row_end
             gC_row[n] += sum_c;
           }
           const acc_t* prei = seg_pre.data() + i * kLanes;
-          for (int64_t j = 0; j < nd; ++j) {
-            const acc_t gd = (gdt[j] + gwrite[j] * uu[j]) *
-                             step_size_slope<acc_t>(prei[j], p.delta_softplus);
-            grad_u[off + j] = static_cast<in_t>(gys[j] * dv[j] + gwrite[j] * dti[j]);
-            grad_delta[off + j] = static_cast<in_t>(gd);
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const acc_t gd =
+                (gdt[j] + gwrite[j] * uu[j]) * step_size_slope<acc_t>(prei[j], softplus);
+            gu[j] = gys[j] * dv[j] + gwrite[j] * dti[j];
+            gdelta[j] = gd;
             gD_acc[j] += gys[j] * uu[j];
             gbias_acc[j] += gd;
           }
+          store_lanes(gu, nd, grad_u + off);
+          store_lanes(gdelta, nd, grad_delta + off);
         }
       }
 
