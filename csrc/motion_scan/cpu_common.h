@@ -1,6 +1,7 @@
 // Helpers shared by the CPU forward and backward kernels: element types and dispatch.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -75,6 +76,17 @@ void dispatch_kinds(const MotionScanParams& p, F&& f) {
       break;
   }
   throw std::invalid_argument("motion_scan: unsupported combination of input and B/C dtypes");
+}
+
+// Runs rows(Tag<input_t>{}, Tag<bc_t>{}, Tag<acc_t>{}, begin, end) over all (batch, location)
+// rows on ATen's thread pool: each row is independent work of T * D * N state updates.
+template <typename F>
+void parallel_rows(const MotionScanParams& p, F&& rows) {
+  dispatch_kinds(p, [&](auto in_tag, auto bc_tag, auto acc_tag) {
+    at::parallel_for(0, p.batch * p.nloc, 1, [&](int64_t begin, int64_t end) {
+      rows(in_tag, bc_tag, acc_tag, begin, end);
+    });
+  });
 }
 
 }  // namespace cpu

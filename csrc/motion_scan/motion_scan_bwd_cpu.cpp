@@ -12,8 +12,6 @@
 // Partial sums: dB_t and dC_t are summed over D inside the row (one task owns all channels of
 // a location), dA, dD and d(delta_bias) are left per row and summed by the caller in a fixed
 // order, so the result does not depend on the number of threads.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -237,13 +235,11 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
 }  // namespace cpu
 
 void motion_scan_bwd_cpu(const MotionScanParams& p) {
-  cpu::dispatch_kinds(p, [&](auto in_tag, auto bc_tag, auto acc_tag) {
+  cpu::parallel_rows(p, [&](auto in_tag, auto bc_tag, auto acc_tag, int64_t begin, int64_t end) {
     using in_t = typename decltype(in_tag)::type;
     using bc_t = typename decltype(bc_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;
-    at::parallel_for(0, p.batch * p.nloc, 1, [&](int64_t begin, int64_t end) {
-      cpu::backward_rows<in_t, bc_t, acc_t>(p, begin, end);
-    });
+    cpu::backward_rows<in_t, bc_t, acc_t>(p, begin, end);
   });
 }
 

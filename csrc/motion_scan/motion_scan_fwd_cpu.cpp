@@ -5,8 +5,6 @@
 // array, so the innermost loop runs over contiguous channels and vectorises. B_t and C_t are
 // shared by all channels of a location: they are loaded once per step. The (batch, T, L, D)
 // layout is read and written in place: no transposes, no copies.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -97,13 +95,11 @@ PKS4_CPU_CLONES void forward_rows(const MotionScanParams& p, int64_t row_begin,
 }  // namespace cpu
 
 void motion_scan_fwd_cpu(const MotionScanParams& p) {
-  cpu::dispatch_kinds(p, [&](auto in_tag, auto bc_tag, auto acc_tag) {
+  cpu::parallel_rows(p, [&](auto in_tag, auto bc_tag, auto acc_tag, int64_t begin, int64_t end) {
     using in_t = typename decltype(in_tag)::type;
     using bc_t = typename decltype(bc_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;
-    at::parallel_for(0, p.batch * p.nloc, 1, [&](int64_t begin, int64_t end) {
-      cpu::forward_rows<in_t, bc_t, acc_t>(p, begin, end);
-    });
+    cpu::forward_rows<in_t, bc_t, acc_t>(p, begin, end);
   });
 }
 
