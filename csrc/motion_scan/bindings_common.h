@@ -162,7 +162,8 @@ inline Grads motion_scan_bwd_impl(const ScanInputs& args, const Tensor& grad_y,
   Tensor gA = at::empty({rows, p.dim, p.dstate}, f);
   Tensor gD = in.D ? at::empty({rows, p.dim}, f) : Tensor();
   Tensor gbias = in.delta_bias ? at::empty({rows, p.dim}, f) : Tensor();
-  Tensor gh0 = at::empty({p.batch, p.nloc, p.dim, p.dstate}, f);
+  // Without an initial state there is nothing to differentiate: the kernels skip the write.
+  Tensor gh0 = in.initial_state ? at::empty({p.batch, p.nloc, p.dim, p.dstate}, f) : Tensor();
   p.segment = backward_segment(p.seqlen);
   Tensor workspace;
   if (needs_workspace) {
@@ -179,7 +180,7 @@ inline Grads motion_scan_bwd_impl(const ScanInputs& args, const Tensor& grad_y,
   p.grad_A_part = gA.data_ptr();
   p.grad_D_part = in.D ? gD.data_ptr() : nullptr;
   p.grad_bias_part = in.delta_bias ? gbias.data_ptr() : nullptr;
-  p.grad_initial_state = gh0.data_ptr();
+  p.grad_initial_state = in.initial_state ? gh0.data_ptr() : nullptr;
   p.bc_partitions = bc_partitions;
   launch(p);
 
