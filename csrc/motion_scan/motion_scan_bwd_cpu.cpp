@@ -21,6 +21,23 @@ namespace pks4 {
 namespace cpu {
 namespace {
 
+// Adds the kLanes lane partials of each state n to dB_t[n] and dC_t[n] (one partition on the
+// CPU: a task owns all channels of its location).
+template <typename acc_t>
+inline void reduce_lanes(const acc_t* lanes_B, const acc_t* lanes_C, int64_t N, acc_t* gB,
+                         acc_t* gC) {
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t sb = 0, sc = 0;
+#pragma omp simd reduction(+ : sb, sc)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      sb += lanes_B[n * kLanes + j];
+      sc += lanes_C[n * kLanes + j];
+    }
+    gB[n] += sb;
+    gC[n] += sc;
+  }
+}
+
 // Steps per segment: the segment's states and decays, (K + 1) + K arrays of N x kLanes, stay
 // within about 256 KiB per thread (the L2 cache of one core); checkpoints cover longer clips.
 template <typename acc_t>
@@ -61,6 +78,12 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
   std::vector<acc_t> checkpoints(num_chk * NL);
   std::vector<acc_t> seg_h((K + 1) * NL), seg_decay(K * NL);
   std::vector<acc_t> seg_dt(K * kLanes), seg_pre(K * kLanes), seg_y(K * kLanes);
+  // dB_t[n] and dC_t[n] sum over all D channels. Summing the kLanes lanes of every (t, n) in
+  // every channel block would cost a horizontal reduction per state per step; instead the
+  // lanes accumulate, over all blocks of the row, in a (T, N, kLanes) buffer reduced once per
+  // row. Past 1 MiB of buffer (very long clips) it is one step's (N, kLanes), reduced per step.
+  const bool per_row = T * NL * 2 * static_cast<int64_t>(sizeof(acc_t)) <= (int64_t(1) << 20);
+  std::vector<acc_t> lanes_B(per_row ? T * NL : NL), lanes_C(per_row ? T * NL : NL);
   alignas(64) acc_t dv[kLanes], bv[kLanes], uu[kLanes], pre[kLanes], dt[kLanes], dtu[kLanes];
   alignas(64) acc_t acc[kLanes], gys[kLanes], gdt[kLanes], gwrite[kLanes];
   alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes], zz[kLanes], gz[kLanes], gu[kLanes];
@@ -86,6 +109,8 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
 
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / L, l = row % L;
+    std::fill(lanes_B.begin(), lanes_B.end(), acc_t(0));
+    std::fill(lanes_C.begin(), lanes_C.end(), acc_t(0));
     for (int64_t d0 = 0; d0 < Dm; d0 += kLanes) {
       const int64_t nd = std::min(kLanes, Dm - d0);
       for (int64_t j = 0; j < kLanes; ++j) {
@@ -176,8 +201,8 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
             dtu[j] = dti[j] * uu[j];
             gdt[j] = gwrite[j] = acc_t(0);
           }
-          acc_t* gB_row = gB_part + loc * N;  // one partition on the CPU
-          acc_t* gC_row = gC_part + loc * N;
+          acc_t* lanes_Bt = lanes_B.data() + (per_row ? t * NL : 0);
+          acc_t* lanes_Ct = lanes_C.data() + (per_row ? t * NL : 0);
           for (int64_t n = 0; n < N; ++n) {
             const acc_t* hp = seg_h.data() + i * NL + n * kLanes;
             const acc_t* hn = seg_h.data() + (i + 1) * NL + n * kLanes;
@@ -185,23 +210,27 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
             const acc_t* an = a_t.data() + n * kLanes;
             acc_t* ghn = gh.data() + n * kLanes;
             acc_t* gAn = gA.data() + n * kLanes;
+            acc_t* lbn = lanes_Bt + n * kLanes;
+            acc_t* lcn = lanes_Ct + n * kLanes;
             const acc_t bnv = bn[n], cnv = cn[n];
-            acc_t sum_b = 0, sum_c = 0;
-#pragma omp simd reduction(+ : sum_b, sum_c)
+#pragma omp simd
             for (int64_t j = 0; j < kLanes; ++j) {
               // y_t reads h_t through C_t.
-              sum_c += gys[j] * hn[j];
+              lcn[j] += gys[j] * hn[j];
               const acc_t g = ghn[j] + gys[j] * cnv;
               // h_t = exp(dt A) h_{t-1} + dt u B_t
               const acc_t g_log_decay = g * hp[j] * dec[j];
               gAn[j] += g_log_decay * dti[j];
               gdt[j] += g_log_decay * an[j];
               gwrite[j] += g * bnv;
-              sum_b += g * dtu[j];
+              lbn[j] += g * dtu[j];
               ghn[j] = g * dec[j];
             }
-            gB_row[n] += sum_b;
-            gC_row[n] += sum_c;
+          }
+          if (!per_row) {
+            reduce_lanes(lanes_Bt, lanes_Ct, N, gB_part + loc * N, gC_part + loc * N);
+            std::fill(lanes_B.begin(), lanes_B.end(), acc_t(0));
+            std::fill(lanes_C.begin(), lanes_C.end(), acc_t(0));
           }
           const acc_t* prei = seg_pre.data() + i * kLanes;
 #pragma omp simd
@@ -226,6 +255,13 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
         }
         if (gD_part) gD_part[row * Dm + d0 + j] = gD_acc[j];
         if (gbias_part) gbias_part[row * Dm + d0 + j] = gbias_acc[j];
+      }
+    }
+    if (per_row) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t loc = (b * T + t) * L + l;
+        reduce_lanes(lanes_B.data() + t * NL, lanes_C.data() + t * NL, N, gB_part + loc * N,
+                     gC_part + loc * N);
       }
     }
   }
