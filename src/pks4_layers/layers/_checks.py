@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ..ops.motion_scan import FLOAT_DTYPES
 
 
 def check_float_tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
             f"got {x.dtype}"

@@ -22,18 +22,15 @@ import torch
 from torch import Tensor
 
 from . import build
+from .reference import _compute_dtype
 
 _registered = False
 _lock = threading.Lock()
 
 
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
 def _fake_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state):
     batch, _, L, Dm = u.shape
-    last = u.new_empty((batch, L, Dm, A.shape[1]), dtype=_compute_dtype(u))
+    last = u.new_empty((batch, L, Dm, A.shape[1]), dtype=_compute_dtype(u.dtype))
     return torch.empty_like(u, memory_format=torch.contiguous_format), last
 
 

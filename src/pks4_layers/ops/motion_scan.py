@@ -53,7 +53,7 @@ from .torch_backend import motion_scan_torch
 BACKEND_ENV_VAR = "PKS4_BACKEND"
 KNOWN_BACKENDS = ("cpu", "cuda", "mamba", "ref", "torch")
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _ref_backend(*args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -168,7 +168,7 @@ def _describe(t: Tensor) -> str:
 def _check_tensor(name: str, t: object, shape: tuple, device: torch.device) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
             f"got {t.dtype}"
