@@ -65,3 +65,14 @@ def test_cuda_arch_flags_follow_the_environment(monkeypatch):
         "-gencode=arch=compute_90,code=sm_90",
         "-gencode=arch=compute_90,code=compute_90",
     ]
+
+
+def test_a_build_older_than_the_sources_is_not_loaded(tmp_path):
+    """After editing the kernels in a checkout, the old ahead-of-time binary is ignored."""
+    library = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"")
+    newest = max((build.csrc_dir() / n).stat().st_mtime for n in build.CPU_SOURCES + build.HEADERS)
+    os.utime(library, (newest - 10, newest - 10))
+    assert build._is_stale(library, "cpu")
+    os.utime(library, (newest + 10, newest + 10))
+    assert not build._is_stale(library, "cpu")

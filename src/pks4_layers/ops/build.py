@@ -149,6 +149,16 @@ def _prebuilt(stem: str) -> Optional[Path]:
     return found[0] if found else None
 
 
+def _is_stale(library: Path, kind: str) -> bool:
+    """In a source checkout, an ahead-of-time build older than its sources is stale."""
+    src = csrc_dir()
+    if src is None:
+        return False
+    names = (CPU_SOURCES if kind == "cpu" else CUDA_SOURCES) + HEADERS
+    newest = max((src / n).stat().st_mtime for n in names if (src / n).exists())
+    return library.stat().st_mtime < newest
+
+
 def _jit_build(kind: str) -> Path:
     """Compile one extension into the cache (once) and return the library's path."""
     home = find_cuda_home()
@@ -217,6 +227,8 @@ def load(kind: str) -> ExtensionStatus:
         try:
             force_jit = os.environ.get("PKS4_FORCE_JIT", "") == "1"
             prebuilt = None if force_jit else _prebuilt(stem)
+            if prebuilt is not None and _is_stale(prebuilt, kind):
+                prebuilt = None  # edited kernels: build them rather than load the old ones
             if prebuilt is not None:
                 torch.ops.load_library(str(prebuilt))
                 status.origin = f"prebuilt {prebuilt.name}"
