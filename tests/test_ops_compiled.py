@@ -711,3 +711,33 @@ def test_large_state_on_cuda_routes_to_torch():
     assert resolve("auto", cuda, torch.float32, 65) == "torch"
     with pytest.raises(ValueError, match=r"^A: backend 'cuda' expected a state size N <= 64"):
         resolve("cuda", cuda, torch.float32, 65)
+
+
+@pytest.mark.slow
+def test_cpu_portable_and_avx512_updates_agree(tmp_path):
+    """The CPU kernel's state update has an AVX-512 version and a portable one; the portable
+    one (forced by PKS4_CPU_NO_AVX512=1 in a fresh process) gives the same scan."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from pks4_layers.ops import motion_scan
+        g = torch.Generator().manual_seed(0)
+        b, T, L, D, N = 2, 9, 3, 40, 5
+        r = lambda *s: torch.randn(*s, generator=g)
+        args = dict(u=r(b, T, L, D), delta=r(b, T, L, D), A=-torch.rand(D, N, generator=g) - 0.1,
+                    B=r(b, T, L, N), C=r(b, T, L, N), D=r(D), z=r(b, T, L, D),
+                    delta_bias=r(D), initial_state=r(b, L, D, N))
+        leaves = {k: v.requires_grad_() for k, v in args.items()}
+        y, last = motion_scan(**leaves, return_last_state=True, backend="cpu")
+        grads = torch.autograd.grad((y.square().sum() + last.sum()), list(leaves.values()))
+        torch.save([y.detach(), last.detach(), *grads], sys.argv[1])
+        """
+    )
+    outputs = {}
+    for name, env_value in (("default", "0"), ("portable", "1")):
+        path = tmp_path / f"{name}.pt"
+        env = {**os.environ, "PKS4_CPU_NO_AVX512": env_value}
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
+        outputs[name] = torch.load(path)
+    for a, b in zip(outputs["default"], outputs["portable"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

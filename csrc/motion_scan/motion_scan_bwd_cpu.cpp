@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu_common.h"
+#include "cpu_update.h"
 
 namespace pks4 {
 namespace cpu {
@@ -89,6 +89,7 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
   alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes], zz[kLanes], gz[kLanes], gu[kLanes];
   alignas(64) acc_t gdelta[kLanes];
   const bool softplus = p.delta_softplus;
+  const UpdateFn<acc_t> update = pick_update<acc_t>();
 
   // Loads B_t, C_t of location `loc`, u_t and the biased logit of this channel block.
   auto load_step = [&](int64_t loc, int64_t d0, int64_t nd) {
@@ -134,10 +135,7 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
         load_step((b * T + t) * L + l, d0, nd);
         for (int64_t n = 0; n < N; ++n) {
           acc_t* hn = h.data() + n * kLanes;
-          const acc_t* an = a_t.data() + n * kLanes;
-          const acc_t bnv = bn[n];
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) update_state<acc_t>(hn[j], dt[j], an[j], dtu[j], bnv);
+          update(hn, hn, nullptr, a_t.data() + n * kLanes, dt, dtu, bn[n], nullptr, acc_t(0));
         }
         if ((s + 1) % K == 0)
           std::copy(h.begin(), h.end(), checkpoints.begin() + ((s + 1) / K) * NL);
@@ -154,18 +152,9 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
 #pragma omp simd
           for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc_t(0);
           for (int64_t n = 0; n < N; ++n) {
-            const acc_t* hp = seg_h.data() + i * NL + n * kLanes;
-            acc_t* hn = seg_h.data() + (i + 1) * NL + n * kLanes;
-            acc_t* dec = seg_decay.data() + i * NL + n * kLanes;
-            const acc_t* an = a_t.data() + n * kLanes;
-            const acc_t bnv = bn[n], cnv = cn[n];
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              acc_t hv = hp[j];
-              dec[j] = update_state<acc_t>(hv, dt[j], an[j], dtu[j], bnv);
-              hn[j] = hv;
-              acc[j] += cnv * hv;
-            }
+            const int64_t at = n * kLanes;
+            update(seg_h.data() + i * NL + at, seg_h.data() + (i + 1) * NL + at,
+                   seg_decay.data() + i * NL + at, a_t.data() + at, dt, dtu, bn[n], acc, cn[n]);
           }
           std::copy(dt, dt + kLanes, seg_dt.begin() + i * kLanes);
           std::copy(pre, pre + kLanes, seg_pre.begin() + i * kLanes);

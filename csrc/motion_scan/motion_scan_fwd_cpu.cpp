@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu_common.h"
+#include "cpu_update.h"
 
 namespace pks4 {
 namespace cpu {
@@ -36,6 +36,7 @@ PKS4_CPU_CLONES void forward_rows(const MotionScanParams& p, int64_t row_begin,
   acc_t* __restrict a_t = a_buf.data();
   alignas(64) acc_t uu[kLanes], pre[kLanes], zz[kLanes], dt[kLanes], dtu[kLanes], acc[kLanes];
   alignas(64) acc_t dv[kLanes], bv[kLanes];
+  const UpdateFn<acc_t> update = pick_update<acc_t>();
 
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / L, l = row % L;
@@ -70,14 +71,8 @@ PKS4_CPU_CLONES void forward_rows(const MotionScanParams& p, int64_t row_begin,
           acc[j] = dv[j] * uu[j];
         }
         for (int64_t n = 0; n < N; ++n) {
-          const acc_t bnv = bn[n], cnv = cn[n];
-          acc_t* __restrict hn = h + n * kLanes;
-          const acc_t* __restrict an = a_t + n * kLanes;
-#pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            update_state<acc_t>(hn[j], dt[j], an[j], dtu[j], bnv);
-            acc[j] += cnv * hn[j];
-          }
+          acc_t* hn = h + n * kLanes;
+          update(hn, hn, nullptr, a_t + n * kLanes, dt, dtu, bn[n], acc, cn[n]);
         }
         if (z) {
 #pragma omp simd

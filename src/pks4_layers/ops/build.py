@@ -37,7 +37,13 @@ _lock = threading.RLock()
 
 CPU_SOURCES = ("bindings.cpp", "motion_scan_fwd_cpu.cpp", "motion_scan_bwd_cpu.cpp")
 CUDA_SOURCES = ("bindings_cuda.cpp", "motion_scan_fwd.cu", "motion_scan_bwd.cu")
-HEADERS = ("motion_scan.h", "bindings_common.h", "cpu_common.h", "cuda_common.cuh")
+HEADERS = (
+    "motion_scan.h",
+    "bindings_common.h",
+    "cpu_common.h",
+    "cpu_update.h",
+    "cuda_common.cuh",
+)
 CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 CPU_LDFLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
