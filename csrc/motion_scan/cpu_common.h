@@ -5,7 +5,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <stdexcept>
+#include <vector>
 
 #include "motion_scan.h"
 
@@ -43,9 +45,72 @@ inline void load_lanes(const src_t* src, int64_t count, acc_t* out) {
   }
 }
 
+template <typename acc_t>
+inline void copy_lanes(const acc_t* src, acc_t* dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < kLanes; ++j) dst[j] = src[j];
+}
+
+// Asks for the cache lines of kLanes elements starting at `src` (a hint; never faults).
+template <typename src_t>
+inline void prefetch_lanes(const src_t* src) {
+  const char* p = reinterpret_cast<const char*>(src);
+  for (int64_t byte = 0; byte < kLanes * static_cast<int64_t>(sizeof(src_t)); byte += 64)
+    __builtin_prefetch(p + byte);
+}
+
+template <typename dst_t>
+inline void prefetch_lanes_for_write(dst_t* dst) {
+  char* p = reinterpret_cast<char*>(dst);
+  for (int64_t byte = 0; byte < kLanes * static_cast<int64_t>(sizeof(dst_t)); byte += 64)
+    __builtin_prefetch(p + byte, 1);
+}
+
 template <typename acc_t, typename dst_t>
 inline void store_lanes(const acc_t* in, int64_t count, dst_t* dst) {
   for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<dst_t>(in[j]);
+}
+
+// A (D, N) rearranged per block of kLanes channels into the (N, kLanes) layout of the states,
+// zero past D: the state loops then read it contiguously. Built once per task.
+template <typename acc_t>
+std::vector<acc_t> blocked_decay_rates(const acc_t* A, int64_t D, int64_t N) {
+  const int64_t blocks = (D + kLanes - 1) / kLanes;
+  std::vector<acc_t> out(blocks * N * kLanes, acc_t(0));
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = 0; n < N; ++n) out[((d / kLanes) * N + n) * kLanes + d % kLanes] = A[d * N + n];
+  return out;
+}
+
+// D and delta_bias of channels [d0, d0 + nd) into lanes, zero where absent or past D.
+template <typename acc_t>
+inline void load_channel_constants(const acc_t* Dskip, const acc_t* bias, int64_t d0, int64_t nd,
+                                   acc_t* dv, acc_t* bv) {
+  for (int64_t j = 0; j < kLanes; ++j) {
+    const bool live = j < nd;
+    dv[j] = live && Dskip ? Dskip[d0 + j] : acc_t(0);
+    bv[j] = live && bias ? bias[d0 + j] : acc_t(0);
+  }
+}
+
+// Row `row`'s states of channels [d0, d0 + nd) from a (rows, D, N) tensor into the (N, kLanes)
+// block `h`; zeros where `src` is null (no initial state) and past D.
+template <typename acc_t>
+inline void load_block_states(const acc_t* src, int64_t row, int64_t D, int64_t N, int64_t d0,
+                              int64_t nd, acc_t* h) {
+  std::fill(h, h + N * kLanes, acc_t(0));
+  if (!src) return;
+  for (int64_t j = 0; j < nd; ++j)
+    for (int64_t n = 0; n < N; ++n) h[n * kLanes + j] = src[(row * D + d0 + j) * N + n];
+}
+
+// The inverse of load_block_states, for the nd live lanes.
+template <typename acc_t>
+inline void store_block_states(const acc_t* h, int64_t row, int64_t D, int64_t N, int64_t d0,
+                               int64_t nd, acc_t* dst) {
+  acc_t* out = dst + (row * D + d0) * N;
+  for (int64_t j = 0; j < nd; ++j)
+    for (int64_t n = 0; n < N; ++n) out[j * N + n] = h[n * kLanes + j];
 }
 
 template <typename T>

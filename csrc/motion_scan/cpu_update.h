@@ -1,6 +1,6 @@
-// The CPU kernels' innermost operation: one state update for a block of kLanes channels,
-//   h_new = exp(dt * a) * h_prev + dtu * b,   acc += c * h_new,
-// for one state n. It is where the scan spends its time (one exp per state per step), so it
+// The CPU kernels' innermost operation: one scan step for a block of kLanes channels,
+//   h_new[n] = exp(dt * a[n]) * h_prev[n] + dtu * b[n],   acc += c[n] * h_new[n],
+// over the N states. It is where the scan spends its time (one exp per state per step), so it
 // has an AVX-512 version beside the portable one. Both use the exponential of motion_scan.h
 // (Cody-Waite reduction, the same polynomial); the AVX-512 one applies the final 2^k with
 // vscalefps, which also handles overflow, underflow and NaN in hardware and halves the
@@ -19,26 +19,36 @@
 namespace pks4 {
 namespace cpu {
 
-// hp: previous states, hn: new states (may alias hp), decay_out: optional, acc: optional.
+// One scan step for a block of kLanes channels and all N states, states laid out (N, kLanes):
+//   hn[n] = exp(dt * a[n]) * hp[n] + dtu * bn[n],   acc += cn[n] * hn[n]   for n < N.
+// hn may alias hp; decay_out (the N decays, for the backward) and cn may be null. dt, dtu and
+// acc are read once per step, not once per state: the AVX-512 version keeps them in registers.
 template <typename acc_t>
-using UpdateFn = void (*)(const acc_t* hp, acc_t* hn, acc_t* decay_out, const acc_t* a,
-                          const acc_t* dt, const acc_t* dtu, acc_t b, acc_t* acc, acc_t c);
+using StepFn = void (*)(const acc_t* hp, acc_t* hn, acc_t* decay_out, const acc_t* a,
+                        const acc_t* dt, const acc_t* dtu, const acc_t* bn, const acc_t* cn,
+                        acc_t* acc, int64_t N);
 
 template <typename acc_t>
-void update_lanes_portable(const acc_t* hp, acc_t* hn, acc_t* decay_out, const acc_t* a,
-                           const acc_t* dt, const acc_t* dtu, acc_t b, acc_t* acc, acc_t c) {
+void step_lanes_portable(const acc_t* hp, acc_t* hn, acc_t* decay_out, const acc_t* a,
+                         const acc_t* dt, const acc_t* dtu, const acc_t* bn, const acc_t* cn,
+                         acc_t* acc, int64_t N) {
   alignas(64) acc_t h[kLanes], dec[kLanes];
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t at = n * kLanes;
+    const acc_t b = bn[n];
 #pragma omp simd
-  for (int64_t j = 0; j < kLanes; ++j) {
-    h[j] = hp[j];
-    dec[j] = update_state<acc_t>(h[j], dt[j], a[j], dtu[j], b);
-  }
-  for (int64_t j = 0; j < kLanes; ++j) hn[j] = h[j];
-  if (decay_out)
-    for (int64_t j = 0; j < kLanes; ++j) decay_out[j] = dec[j];
-  if (acc) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      h[j] = hp[at + j];
+      dec[j] = update_state<acc_t>(h[j], dt[j], a[at + j], dtu[j], b);
+    }
+    for (int64_t j = 0; j < kLanes; ++j) hn[at + j] = h[j];
+    if (decay_out)
+      for (int64_t j = 0; j < kLanes; ++j) decay_out[at + j] = dec[j];
+    if (cn) {
+      const acc_t c = cn[n];
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += c * h[j];
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += c * h[j];
+    }
   }
 }
 
@@ -60,41 +70,61 @@ __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   return _mm512_scalef_ps(er, k);
 }
 
-__attribute__((target("avx512f"))) inline void update_lanes_avx512(
+// kLanes = 32 channels are two registers: dt, dt*u and the read-out stay in registers over
+// the N states, and the two exponentials of a state are independent work for the core.
+__attribute__((target("avx512f"))) inline void step_lanes_avx512(
     const float* hp, float* hn, float* decay_out, const float* a, const float* dt,
-    const float* dtu, float b, float* acc, float c) {
-  static_assert(kLanes % 16 == 0, "kLanes must be a multiple of the AVX-512 width");
-  const __m512 bv = _mm512_set1_ps(b), cv = _mm512_set1_ps(c);
-  for (int64_t q = 0; q < kLanes; q += 16) {
-    const __m512 dec = exp_avx512(_mm512_mul_ps(_mm512_loadu_ps(dt + q), _mm512_loadu_ps(a + q)));
-    const __m512 h = _mm512_fmadd_ps(dec, _mm512_loadu_ps(hp + q),
-                                     _mm512_mul_ps(_mm512_loadu_ps(dtu + q), bv));
-    _mm512_storeu_ps(hn + q, h);
-    if (decay_out) _mm512_storeu_ps(decay_out + q, dec);
-    if (acc) _mm512_storeu_ps(acc + q, _mm512_fmadd_ps(cv, h, _mm512_loadu_ps(acc + q)));
+    const float* dtu, const float* bn, const float* cn, float* acc, int64_t N) {
+  static_assert(kLanes == 32, "the AVX-512 step holds kLanes = 32 floats in two registers");
+  const __m512 dt0 = _mm512_loadu_ps(dt), dt1 = _mm512_loadu_ps(dt + 16);
+  const __m512 dtu0 = _mm512_loadu_ps(dtu), dtu1 = _mm512_loadu_ps(dtu + 16);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t at = n * kLanes;
+    const __m512 dec0 = exp_avx512(_mm512_mul_ps(dt0, _mm512_loadu_ps(a + at)));
+    const __m512 dec1 = exp_avx512(_mm512_mul_ps(dt1, _mm512_loadu_ps(a + at + 16)));
+    const __m512 bv = _mm512_set1_ps(bn[n]);
+    const __m512 h0 = _mm512_fmadd_ps(dec0, _mm512_loadu_ps(hp + at), _mm512_mul_ps(dtu0, bv));
+    const __m512 h1 =
+        _mm512_fmadd_ps(dec1, _mm512_loadu_ps(hp + at + 16), _mm512_mul_ps(dtu1, bv));
+    _mm512_storeu_ps(hn + at, h0);
+    _mm512_storeu_ps(hn + at + 16, h1);
+    if (decay_out) {
+      _mm512_storeu_ps(decay_out + at, dec0);
+      _mm512_storeu_ps(decay_out + at + 16, dec1);
+    }
+    if (cn) {
+      const __m512 cv = _mm512_set1_ps(cn[n]);
+      acc0 = _mm512_fmadd_ps(cv, h0, acc0);
+      acc1 = _mm512_fmadd_ps(cv, h1, acc1);
+    }
+  }
+  if (cn) {
+    _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), acc0));
+    _mm512_storeu_ps(acc + 16, _mm512_add_ps(_mm512_loadu_ps(acc + 16), acc1));
   }
 }
 #endif
 
-// The update for this CPU: the AVX-512 one for float where the processor has it, unless
+// The step for this CPU: the AVX-512 one for float where the processor has it, unless
 // PKS4_CPU_NO_AVX512=1 asks for the portable one (read once per process).
 template <typename acc_t>
-inline UpdateFn<acc_t> pick_update() {
-  return &update_lanes_portable<acc_t>;
+inline StepFn<acc_t> pick_step() {
+  return &step_lanes_portable<acc_t>;
 }
 
 template <>
-inline UpdateFn<float> pick_update<float>() {
+inline StepFn<float> pick_step<float>() {
 #ifdef PKS4_HAVE_AVX512_UPDATE
-  static const UpdateFn<float> chosen = [] {
+  static const StepFn<float> chosen = [] {
     const char* off = std::getenv("PKS4_CPU_NO_AVX512");
     const bool allowed = !(off && off[0] == '1');
-    return allowed && __builtin_cpu_supports("avx512f") ? &update_lanes_avx512
-                                                        : &update_lanes_portable<float>;
+    return allowed && __builtin_cpu_supports("avx512f") ? &step_lanes_avx512
+                                                        : &step_lanes_portable<float>;
   }();
   return chosen;
 #else
-  return &update_lanes_portable<float>;
+  return &step_lanes_portable<float>;
 #endif
 }
 

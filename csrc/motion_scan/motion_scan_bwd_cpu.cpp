@@ -74,10 +74,13 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
   auto* gbias_part = static_cast<acc_t*>(p.grad_bias_part);
   auto* gh0 = static_cast<acc_t*>(p.grad_initial_state);
 
-  std::vector<acc_t> a_t(NL), h(NL), gh(NL), gA(NL), bn(N), cn(N);
+  std::vector<acc_t> h(NL), gh(NL), gA(NL), bn(N), cn(N);
   std::vector<acc_t> checkpoints(num_chk * NL);
   std::vector<acc_t> seg_h((K + 1) * NL), seg_decay(K * NL);
   std::vector<acc_t> seg_dt(K * kLanes), seg_pre(K * kLanes), seg_y(K * kLanes);
+  // The segment's u, grad_y and z, read in the replay, in time order: the backward walk then
+  // touches no input tensor, whose rows lie L * D elements apart from one step to the next.
+  std::vector<acc_t> seg_u(K * kLanes), seg_gy(K * kLanes), seg_z(K * kLanes);
   // dB_t[n] and dC_t[n] sum over all D channels. Summing the kLanes lanes of every (t, n) in
   // every channel block would cost a horizontal reduction per state per step; instead the
   // lanes accumulate, over all blocks of the row, in a (T, N, kLanes) buffer reduced once per
@@ -86,10 +89,11 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
   std::vector<acc_t> lanes_B(per_row ? T * NL : NL), lanes_C(per_row ? T * NL : NL);
   alignas(64) acc_t dv[kLanes], bv[kLanes], uu[kLanes], pre[kLanes], dt[kLanes], dtu[kLanes];
   alignas(64) acc_t acc[kLanes], gys[kLanes], gdt[kLanes], gwrite[kLanes];
-  alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes], zz[kLanes], gz[kLanes], gu[kLanes];
+  alignas(64) acc_t gD_acc[kLanes], gbias_acc[kLanes], gz[kLanes], gu[kLanes];
   alignas(64) acc_t gdelta[kLanes];
   const bool softplus = p.delta_softplus;
-  const UpdateFn<acc_t> update = pick_update<acc_t>();
+  const StepFn<acc_t> step = pick_step<acc_t>();
+  const std::vector<acc_t> a_blocks = blocked_decay_rates(A, Dm, N);
 
   // Loads B_t, C_t of location `loc`, u_t and the biased logit of this channel block.
   auto load_step = [&](int64_t loc, int64_t d0, int64_t nd) {
@@ -114,29 +118,24 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
     std::fill(lanes_C.begin(), lanes_C.end(), acc_t(0));
     for (int64_t d0 = 0; d0 < Dm; d0 += kLanes) {
       const int64_t nd = std::min(kLanes, Dm - d0);
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const bool live = j < nd;
-        dv[j] = live && Dskip ? Dskip[d0 + j] : acc_t(0);
-        bv[j] = live && bias ? bias[d0 + j] : acc_t(0);
-        gD_acc[j] = gbias_acc[j] = acc_t(0);
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t src = (row * Dm + d0 + j) * N + n;
-          a_t[n * kLanes + j] = live ? A[(d0 + j) * N + n] : acc_t(0);
-          h[n * kLanes + j] = live && h0 ? h0[src] : acc_t(0);
-          gh[n * kLanes + j] = live && glast ? glast[src] : acc_t(0);
-          gA[n * kLanes + j] = acc_t(0);
-        }
-      }
+      const acc_t* a_t = a_blocks.data() + d0 * N;
+      const bool last_block = d0 + kLanes >= Dm;
+      const int64_t next_row = last_block ? std::min(row + 1, p.batch * L - 1) : row;
+      const int64_t next_b = next_row / L, next_l = next_row % L;
+      const int64_t next_d0 = last_block ? 0 : d0 + kLanes;
+      load_channel_constants(Dskip, bias, d0, nd, dv, bv);
+      std::fill(gD_acc, gD_acc + kLanes, acc_t(0));
+      std::fill(gbias_acc, gbias_acc + kLanes, acc_t(0));
+      std::fill(gA.begin(), gA.end(), acc_t(0));
+      load_block_states(h0, row, Dm, N, d0, nd, h.data());
+      load_block_states(glast, row, Dm, N, d0, nd, gh.data());
 
       // Pass 1: the state at the start of every segment (nothing to do for a single one).
       std::copy(h.begin(), h.end(), checkpoints.begin());
       for (int64_t s = 0; s < (num_chk - 1) * K; ++s) {
         const int64_t t = time_index(s, T, p.reverse);
         load_step((b * T + t) * L + l, d0, nd);
-        for (int64_t n = 0; n < N; ++n) {
-          acc_t* hn = h.data() + n * kLanes;
-          update(hn, hn, nullptr, a_t.data() + n * kLanes, dt, dtu, bn[n], nullptr, acc_t(0));
-        }
+        step(h.data(), h.data(), nullptr, a_t, dt, dtu, bn.data(), nullptr, nullptr, N);
         if ((s + 1) % K == 0)
           std::copy(h.begin(), h.end(), checkpoints.begin() + ((s + 1) / K) * NL);
       }
@@ -151,14 +150,25 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
           load_step((b * T + t) * L + l, d0, nd);
 #pragma omp simd
           for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc_t(0);
-          for (int64_t n = 0; n < N; ++n) {
-            const int64_t at = n * kLanes;
-            update(seg_h.data() + i * NL + at, seg_h.data() + (i + 1) * NL + at,
-                   seg_decay.data() + i * NL + at, a_t.data() + at, dt, dtu, bn[n], acc, cn[n]);
-          }
-          std::copy(dt, dt + kLanes, seg_dt.begin() + i * kLanes);
-          std::copy(pre, pre + kLanes, seg_pre.begin() + i * kLanes);
-          std::copy(acc, acc + kLanes, seg_y.begin() + i * kLanes);
+          step(seg_h.data() + i * NL, seg_h.data() + (i + 1) * NL, seg_decay.data() + i * NL,
+               a_t, dt, dtu, bn.data(), cn.data(), acc, N);
+          const int64_t off = ((b * T + t) * L + l) * Dm + d0;
+          // The rows of the next channel block (or of the next row's first) at this step are
+          // far away in memory: ask for them a whole block walk early.
+          const int64_t ahead = ((next_b * T + t) * L + next_l) * Dm + next_d0;
+          prefetch_lanes(u + ahead);
+          prefetch_lanes(delta + ahead);
+          prefetch_lanes(gy_in + ahead);
+          if (z) prefetch_lanes(z + ahead);
+          prefetch_lanes_for_write(grad_u + ahead);
+          prefetch_lanes_for_write(grad_delta + ahead);
+          if (z) prefetch_lanes_for_write(grad_z + ahead);
+          copy_lanes(dt, seg_dt.data() + i * kLanes);
+          copy_lanes(pre, seg_pre.data() + i * kLanes);
+          copy_lanes(acc, seg_y.data() + i * kLanes);
+          copy_lanes(uu, seg_u.data() + i * kLanes);
+          load_lanes(gy_in + off, nd, seg_gy.data() + i * kLanes);
+          if (z) load_lanes(z + off, nd, seg_z.data() + i * kLanes);
         }
 
         for (int64_t i = len - 1; i >= 0; --i) {
@@ -171,11 +181,11 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
           }
           const acc_t* dti = seg_dt.data() + i * kLanes;
           const acc_t* yi = seg_y.data() + i * kLanes;
-          load_lanes(gy_in + off, nd, gys);
-          load_lanes(u + off, nd, uu);
+          copy_lanes(seg_gy.data() + i * kLanes, gys);
+          copy_lanes(seg_u.data() + i * kLanes, uu);
           if (z) {
             // Gradient through the gate: y = (<C, h> + D u) * silu(z).
-            load_lanes(z + off, nd, zz);
+            const acc_t* zz = seg_z.data() + i * kLanes;
 #pragma omp simd
             for (int64_t j = 0; j < kLanes; ++j) {
               const acc_t g = gys[j], zj = zz[j];
@@ -196,7 +206,7 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
             const acc_t* hp = seg_h.data() + i * NL + n * kLanes;
             const acc_t* hn = seg_h.data() + (i + 1) * NL + n * kLanes;
             const acc_t* dec = seg_decay.data() + i * NL + n * kLanes;
-            const acc_t* an = a_t.data() + n * kLanes;
+            const acc_t* an = a_t + n * kLanes;
             acc_t* ghn = gh.data() + n * kLanes;
             acc_t* gAn = gA.data() + n * kLanes;
             acc_t* lbn = lanes_Bt + n * kLanes;
@@ -236,12 +246,9 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
         }
       }
 
+      store_block_states(gA.data(), row, Dm, N, d0, nd, gA_part);
+      if (gh0) store_block_states(gh.data(), row, Dm, N, d0, nd, gh0);
       for (int64_t j = 0; j < nd; ++j) {
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t dst = (row * Dm + d0 + j) * N + n;
-          gA_part[dst] = gA[n * kLanes + j];
-          if (gh0) gh0[dst] = gh[n * kLanes + j];
-        }
         if (gD_part) gD_part[row * Dm + d0 + j] = gD_acc[j];
         if (gbias_part) gbias_part[row * Dm + d0 + j] = gbias_acc[j];
       }

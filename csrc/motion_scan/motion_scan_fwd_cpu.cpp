@@ -31,36 +31,46 @@ PKS4_CPU_CLONES void forward_rows(const MotionScanParams& p, int64_t row_begin,
   auto* y = static_cast<in_t*>(p.y);
   auto* last = static_cast<acc_t*>(p.last_state);
 
-  std::vector<acc_t> h_buf(N * kLanes), a_buf(N * kLanes), bn(N), cn(N);
-  acc_t* __restrict h = h_buf.data();
-  acc_t* __restrict a_t = a_buf.data();
+  const int64_t NL = N * kLanes, blocks = (Dm + kLanes - 1) / kLanes;
+  // The states of all channels of a row, block after block: D * N values, a few KiB.
+  std::vector<acc_t> h_buf(blocks * NL), bn(N), cn(N);
+  // A of every channel block in the (N, kLanes) layout of the states, built once per task.
+  const std::vector<acc_t> a_blocks = blocked_decay_rates(A, Dm, N);
   alignas(64) acc_t uu[kLanes], pre[kLanes], zz[kLanes], dt[kLanes], dtu[kLanes], acc[kLanes];
   alignas(64) acc_t dv[kLanes], bv[kLanes];
-  const UpdateFn<acc_t> update = pick_update<acc_t>();
+  std::fill(zz, zz + kLanes, acc_t(0));
+  const StepFn<acc_t> step = pick_step<acc_t>();
 
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / L, l = row % L;
-    for (int64_t d0 = 0; d0 < Dm; d0 += kLanes) {
-      const int64_t nd = std::min(kLanes, Dm - d0);
-      // Per-block constants; lanes past D are zero and stay inert (u = 0 keeps h = 0).
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const bool live = j < nd;
-        dv[j] = live && Dskip ? Dskip[d0 + j] : acc_t(0);
-        bv[j] = live && bias ? bias[d0 + j] : acc_t(0);
-        zz[j] = acc_t(0);
-        for (int64_t n = 0; n < N; ++n) {
-          a_t[n * kLanes + j] = live ? A[(d0 + j) * N + n] : acc_t(0);
-          h[n * kLanes + j] = live && h0 ? h0[(row * Dm + d0 + j) * N + n] : acc_t(0);
-        }
+    for (int64_t d0 = 0; d0 < Dm; d0 += kLanes)
+      load_block_states(h0, row, Dm, N, d0, std::min(kLanes, Dm - d0), h_buf.data() + d0 * N);
+    // Time outside, channels inside: each step reads one contiguous run of D values per input
+    // (the hardware prefetcher follows it), where a channel block's walk along T would jump
+    // L * D elements at every step.
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = time_index(s, T, p.reverse);
+      const int64_t loc = (b * T + t) * L + l;  // (b, t, l)
+      for (int64_t n = 0; n < N; ++n) {
+        bn[n] = static_cast<acc_t>(B[loc * N + n]);
+        cn[n] = static_cast<acc_t>(C[loc * N + n]);
       }
-      for (int64_t s = 0; s < T; ++s) {
-        const int64_t t = time_index(s, T, p.reverse);
-        const int64_t loc = (b * T + t) * L + l;  // (b, t, l)
+      // The next step's rows (of this row, or of the next row's first step) are L * D elements
+      // away: ask for them one step early.
+      const int64_t next_row = s + 1 < T ? row : std::min(row + 1, p.batch * L - 1);
+      const int64_t next_t = s + 1 < T ? time_index(s + 1, T, p.reverse)
+                                       : time_index(0, T, p.reverse);
+      const int64_t next_loc = ((next_row / L) * T + next_t) * L + next_row % L;
+      for (int64_t d0 = 0; d0 < Dm; d0 += kLanes) {
+        const int64_t nd = std::min(kLanes, Dm - d0);
         const int64_t off = loc * Dm + d0;
-        for (int64_t n = 0; n < N; ++n) {
-          bn[n] = static_cast<acc_t>(B[loc * N + n]);
-          cn[n] = static_cast<acc_t>(C[loc * N + n]);
-        }
+        const int64_t ahead = next_loc * Dm + d0;
+        prefetch_lanes(u + ahead);
+        prefetch_lanes(delta + ahead);
+        if (z) prefetch_lanes(z + ahead);
+        prefetch_lanes_for_write(y + ahead);
+        // Lanes past D are zero and stay inert (u = 0 keeps h = 0).
+        load_channel_constants(Dskip, bias, d0, nd, dv, bv);
         load_lanes(u + off, nd, uu);
         load_lanes(delta + off, nd, pre);
         if (z) load_lanes(z + off, nd, zz);
@@ -70,19 +80,17 @@ PKS4_CPU_CLONES void forward_rows(const MotionScanParams& p, int64_t row_begin,
           dtu[j] = dt[j] * uu[j];
           acc[j] = dv[j] * uu[j];
         }
-        for (int64_t n = 0; n < N; ++n) {
-          acc_t* hn = h + n * kLanes;
-          update(hn, hn, nullptr, a_t + n * kLanes, dt, dtu, bn[n], acc, cn[n]);
-        }
+        acc_t* h = h_buf.data() + d0 * N;
+        step(h, h, nullptr, a_blocks.data() + d0 * N, dt, dtu, bn.data(), cn.data(), acc, N);
         if (z) {
 #pragma omp simd
           for (int64_t j = 0; j < kLanes; ++j) acc[j] *= zz[j] * sigmoid<acc_t>(zz[j]);
         }
         store_lanes(acc, nd, y + off);
       }
-      for (int64_t j = 0; j < nd; ++j)
-        for (int64_t n = 0; n < N; ++n) last[(row * Dm + d0 + j) * N + n] = h[n * kLanes + j];
     }
+    for (int64_t d0 = 0; d0 < Dm; d0 += kLanes)
+      store_block_states(h_buf.data() + d0 * N, row, Dm, N, d0, std::min(kLanes, Dm - d0), last);
   }
 }
 
