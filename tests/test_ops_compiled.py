@@ -715,8 +715,10 @@ def test_large_state_on_cuda_routes_to_torch():
 
 @pytest.mark.slow
 def test_cpu_portable_and_avx512_updates_agree(tmp_path):
-    """The CPU kernel's state update has an AVX-512 version and a portable one; the portable
-    one (forced by PKS4_CPU_NO_AVX512=1 in a fresh process) gives the same scan."""
+    """The CPU kernel's scan step and backward walk have an AVX-512 version and a portable one;
+    each (the portable one forced by PKS4_CPU_NO_AVX512=1 in a fresh process) matches the
+    float64 reference within the float32 tolerance. (They differ from each other by rounding:
+    the AVX-512 one fuses multiply-adds.)"""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -727,17 +729,18 @@ def test_cpu_portable_and_avx512_updates_agree(tmp_path):
         args = dict(u=r(b, T, L, D), delta=r(b, T, L, D), A=-torch.rand(D, N, generator=g) - 0.1,
                     B=r(b, T, L, N), C=r(b, T, L, N), D=r(D), z=r(b, T, L, D),
                     delta_bias=r(D), initial_state=r(b, L, D, N))
-        leaves = {k: v.requires_grad_() for k, v in args.items()}
-        y, last = motion_scan(**leaves, return_last_state=True, backend="cpu")
-        grads = torch.autograd.grad((y.square().sum() + last.sum()), list(leaves.values()))
-        torch.save([y.detach(), last.detach(), *grads], sys.argv[1])
+        def run(backend, dtype):
+            leaves = {k: v.to(dtype).requires_grad_() for k, v in args.items()}
+            y, last = motion_scan(**leaves, return_last_state=True, backend=backend)
+            grads = torch.autograd.grad((y.square().sum() + last.sum()), list(leaves.values()))
+            return [y.detach(), last.detach(), *grads]
+        torch.save([run("cpu", torch.float32), run("ref", torch.float64)], sys.argv[1])
         """
     )
-    outputs = {}
-    for name, env_value in (("default", "0"), ("portable", "1")):
-        path = tmp_path / f"{name}.pt"
+    for env_value in ("0", "1"):
+        path = tmp_path / f"avx512_off_{env_value}.pt"
         env = {**os.environ, "PKS4_CPU_NO_AVX512": env_value}
         subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
-        outputs[name] = torch.load(path)
-    for a, b in zip(outputs["default"], outputs["portable"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        outputs, expected = torch.load(path)
+        for i, (out, ref) in enumerate(zip(outputs, expected)):
+            assert_close(out, ref, scale=float(ref.abs().max()), msg=f"output {i}")

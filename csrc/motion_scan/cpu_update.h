@@ -52,6 +52,46 @@ void step_lanes_portable(const acc_t* hp, acc_t* hn, acc_t* decay_out, const acc
   }
 }
 
+// One step of the backward walk for a block of kLanes channels, t from last to first, states
+// (N, kLanes) as in the forward; gh holds dL/dh_t on entry and dL/dh_{t-1} on return:
+//   lane_C[n] += gy * h_t[n]                       (dL/dC_t, still per lane)
+//   g = gh[n] + gy * c[n],  x = g * h_{t-1}[n] * decay[n]
+//   gA[n] += x * dt,  gdt += x * a[n],  gwrite += g * b[n]
+//   lane_B[n] += g * dtu,  gh[n] = g * decay[n]
+// gdt (dL/d dt through the decays) and gwrite (dL/d(dt u) / through B) are written, not added.
+template <typename acc_t>
+using WalkFn = void (*)(const acc_t* hp, const acc_t* hn, const acc_t* decay, const acc_t* a,
+                        const acc_t* gy, const acc_t* dt, const acc_t* dtu, const acc_t* bn,
+                        const acc_t* cn, acc_t* gh, acc_t* gA, acc_t* lane_B, acc_t* lane_C,
+                        acc_t* gdt, acc_t* gwrite, int64_t N);
+
+template <typename acc_t>
+void walk_lanes_portable(const acc_t* hp, const acc_t* hn, const acc_t* decay, const acc_t* a,
+                         const acc_t* gy, const acc_t* dt, const acc_t* dtu, const acc_t* bn,
+                         const acc_t* cn, acc_t* gh, acc_t* gA, acc_t* lane_B, acc_t* lane_C,
+                         acc_t* gdt, acc_t* gwrite, int64_t N) {
+  alignas(64) acc_t sum_dt[kLanes] = {}, sum_write[kLanes] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t at = n * kLanes;
+    const acc_t b = bn[n], c = cn[n];
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      lane_C[at + j] += gy[j] * hn[at + j];
+      const acc_t g = gh[at + j] + gy[j] * c;
+      const acc_t x = g * hp[at + j] * decay[at + j];
+      gA[at + j] += x * dt[j];
+      sum_dt[j] += x * a[at + j];
+      sum_write[j] += g * b;
+      lane_B[at + j] += g * dtu[j];
+      gh[at + j] = g * decay[at + j];
+    }
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    gdt[j] = sum_dt[j];
+    gwrite[j] = sum_write[j];
+  }
+}
+
 #ifdef PKS4_HAVE_AVX512_UPDATE
 __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   // exp_f32 of motion_scan.h with k rounded in hardware and 2^k applied by vscalefps.
@@ -104,6 +144,38 @@ __attribute__((target("avx512f"))) inline void step_lanes_avx512(
     _mm512_storeu_ps(acc + 16, _mm512_add_ps(_mm512_loadu_ps(acc + 16), acc1));
   }
 }
+__attribute__((target("avx512f"))) inline void walk_lanes_avx512(
+    const float* hp, const float* hn, const float* decay, const float* a, const float* gy,
+    const float* dt, const float* dtu, const float* bn, const float* cn, float* gh, float* gA,
+    float* lane_B, float* lane_C, float* gdt, float* gwrite, int64_t N) {
+  __m512 gy_v[2], dt_v[2], dtu_v[2], sum_dt[2], sum_write[2];
+  for (int q = 0; q < 2; ++q) {
+    gy_v[q] = _mm512_loadu_ps(gy + 16 * q);
+    dt_v[q] = _mm512_loadu_ps(dt + 16 * q);
+    dtu_v[q] = _mm512_loadu_ps(dtu + 16 * q);
+    sum_dt[q] = sum_write[q] = _mm512_setzero_ps();
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const __m512 bv = _mm512_set1_ps(bn[n]), cv = _mm512_set1_ps(cn[n]);
+    for (int q = 0; q < 2; ++q) {
+      const int64_t at = n * kLanes + 16 * q;
+      const __m512 dec = _mm512_loadu_ps(decay + at);
+      _mm512_storeu_ps(lane_C + at,
+                       _mm512_fmadd_ps(gy_v[q], _mm512_loadu_ps(hn + at), _mm512_loadu_ps(lane_C + at)));
+      const __m512 g = _mm512_fmadd_ps(gy_v[q], cv, _mm512_loadu_ps(gh + at));
+      const __m512 x = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_loadu_ps(hp + at)), dec);
+      _mm512_storeu_ps(gA + at, _mm512_fmadd_ps(x, dt_v[q], _mm512_loadu_ps(gA + at)));
+      sum_dt[q] = _mm512_fmadd_ps(x, _mm512_loadu_ps(a + at), sum_dt[q]);
+      sum_write[q] = _mm512_fmadd_ps(g, bv, sum_write[q]);
+      _mm512_storeu_ps(lane_B + at, _mm512_fmadd_ps(g, dtu_v[q], _mm512_loadu_ps(lane_B + at)));
+      _mm512_storeu_ps(gh + at, _mm512_mul_ps(g, dec));
+    }
+  }
+  for (int q = 0; q < 2; ++q) {
+    _mm512_storeu_ps(gdt + 16 * q, sum_dt[q]);
+    _mm512_storeu_ps(gwrite + 16 * q, sum_write[q]);
+  }
+}
 #endif
 
 // The step for this CPU: the AVX-512 one for float where the processor has it, unless
@@ -125,6 +197,21 @@ inline StepFn<float> pick_step<float>() {
   return chosen;
 #else
   return &step_lanes_portable<float>;
+#endif
+}
+
+template <typename acc_t>
+inline WalkFn<acc_t> pick_walk() {
+  return &walk_lanes_portable<acc_t>;
+}
+
+template <>
+inline WalkFn<float> pick_walk<float>() {
+#ifdef PKS4_HAVE_AVX512_UPDATE
+  return pick_step<float>() == &step_lanes_avx512 ? &walk_lanes_avx512
+                                                  : &walk_lanes_portable<float>;
+#else
+  return &walk_lanes_portable<float>;
 #endif
 }
 

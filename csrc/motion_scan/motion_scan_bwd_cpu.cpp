@@ -93,6 +93,7 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
   alignas(64) acc_t gdelta[kLanes];
   const bool softplus = p.delta_softplus;
   const StepFn<acc_t> step = pick_step<acc_t>();
+  const WalkFn<acc_t> walk = pick_walk<acc_t>();
   const std::vector<acc_t> a_blocks = blocked_decay_rates(A, Dm, N);
 
   // Loads B_t, C_t of location `loc`, u_t and the biased logit of this channel block.
@@ -196,36 +197,12 @@ PKS4_CPU_CLONES void backward_rows(const MotionScanParams& p, int64_t row_begin,
             store_lanes(gz, nd, grad_z + off);
           }
 #pragma omp simd
-          for (int64_t j = 0; j < kLanes; ++j) {
-            dtu[j] = dti[j] * uu[j];
-            gdt[j] = gwrite[j] = acc_t(0);
-          }
+          for (int64_t j = 0; j < kLanes; ++j) dtu[j] = dti[j] * uu[j];
           acc_t* lanes_Bt = lanes_B.data() + (per_row ? t * NL : 0);
           acc_t* lanes_Ct = lanes_C.data() + (per_row ? t * NL : 0);
-          for (int64_t n = 0; n < N; ++n) {
-            const acc_t* hp = seg_h.data() + i * NL + n * kLanes;
-            const acc_t* hn = seg_h.data() + (i + 1) * NL + n * kLanes;
-            const acc_t* dec = seg_decay.data() + i * NL + n * kLanes;
-            const acc_t* an = a_t + n * kLanes;
-            acc_t* ghn = gh.data() + n * kLanes;
-            acc_t* gAn = gA.data() + n * kLanes;
-            acc_t* lbn = lanes_Bt + n * kLanes;
-            acc_t* lcn = lanes_Ct + n * kLanes;
-            const acc_t bnv = bn[n], cnv = cn[n];
-#pragma omp simd
-            for (int64_t j = 0; j < kLanes; ++j) {
-              // y_t reads h_t through C_t.
-              lcn[j] += gys[j] * hn[j];
-              const acc_t g = ghn[j] + gys[j] * cnv;
-              // h_t = exp(dt A) h_{t-1} + dt u B_t
-              const acc_t g_log_decay = g * hp[j] * dec[j];
-              gAn[j] += g_log_decay * dti[j];
-              gdt[j] += g_log_decay * an[j];
-              gwrite[j] += g * bnv;
-              lbn[j] += g * dtu[j];
-              ghn[j] = g * dec[j];
-            }
-          }
+          walk(seg_h.data() + i * NL, seg_h.data() + (i + 1) * NL, seg_decay.data() + i * NL, a_t,
+               gys, dti, dtu, bn.data(), cn.data(), gh.data(), gA.data(), lanes_Bt, lanes_Ct, gdt,
+               gwrite, N);
           if (!per_row) {
             reduce_lanes(lanes_Bt, lanes_Ct, N, gB_part + loc * N, gC_part + loc * N);
             std::fill(lanes_B.begin(), lanes_B.end(), acc_t(0));
