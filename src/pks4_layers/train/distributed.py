@@ -1,0 +1,129 @@
+"""Process-group set-up and the few collectives training needs.
+
+The same code runs as one process (no environment set) and under ``torchrun`` (which sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL on CUDA,
+gloo on CPU. Only rank 0 writes files and prints progress.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this process's GPU where CUDA is available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: expected an available device, got {name!r} (no CUDA here)")
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> DistEnv:
+    """Joins the process group when launched by torchrun; a single-process env otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of ``values`` over ranks (a copy; float64 so counts and losses add exactly)."""
+    out = values.detach().to(torch.float64).clone()
+    if env.distributed:
+        if env.device.type == "cuda":
+            out = out.to(env.device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+class ShardedSampler(Sampler[int]):
+    """One permutation per epoch, cut into contiguous global batches, dealt out to the ranks.
+
+    Rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the epoch's order, so the items of
+    one step on all ranks are exactly the items of the same step in a single-process run with
+    a ``W`` times larger batch: a DDP run and that run see the same global batches, and their
+    averaged gradients agree. Training drops the incomplete tail so every rank takes the same
+    number of steps; evaluation keeps every item once (ranks may get one item more or less,
+    and metrics are summed, not averaged, across ranks).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        self.num_items = num_items
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        if self.drop_last:
+            global_batch = self.batch_size * self.world_size
+            order = order[: (len(order) // global_batch) * global_batch]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(self._order()[self.rank :: self.world_size])

@@ -1,0 +1,421 @@
+"""The training and evaluation loop behind ``pks4-train``.
+
+``run(config)`` builds the data and the model, trains with AdamW and a warm-up + cosine
+schedule (mixed precision where asked, gradient clipping), evaluates top-1/top-5 (multi-view
+when the config asks), keeps ``metrics.json``, ``curves.png`` and checkpoints in
+``output_dir``, and resumes from a checkpoint. The same function runs as one process and as
+one rank of a ``torchrun`` job: data are sharded by :class:`ShardedSampler`, gradients averaged
+by DistributedDataParallel, metrics summed across ranks, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import check_model_state, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import (
+    DistEnv,
+    ShardedSampler,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from .metrics import plot_curves, topk_correct, write_metrics
+from .progress import Progress
+from .schedule import warmup_cosine
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- data
+def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset, list[str]]:
+    """(train, val, class names) for the config's dataset layout."""
+    from ..data import VideoClipDataset, folder_samples, make_benchmark, ssv2_samples
+
+    if cfg.dataset == "benchmark":
+        # Rank 0 writes the generated videos; the others wait, then find them (the call is
+        # idempotent and returns at once when the manifest matches).
+        def generate() -> Path:
+            return Path(
+                make_benchmark(
+                    cfg.data_root,
+                    cfg.benchmark_task,
+                    num_train=cfg.benchmark_train,
+                    num_val=cfg.benchmark_val,
+                    num_frames=cfg.num_frames,
+                    size=cfg.benchmark_size,
+                )
+            )
+
+        if env.is_main:
+            generate()
+        barrier(env)
+        root = generate()
+        videos, classes_file = root / "videos", root / "classInd.txt"
+        train, classes = folder_samples(videos, root / "trainlist.txt", classes_file)
+        val, _ = folder_samples(videos, root / "testlist.txt", classes_file)
+    elif cfg.dataset == "folder":
+        classes_file = cfg.classes_file or None
+        train, classes = folder_samples(cfg.data_root, cfg.train_split or None, classes_file)
+        val, _ = folder_samples(cfg.data_root, cfg.val_split or None, classes_file)
+    else:  # ssv2
+        video_dir = cfg.video_dir or cfg.data_root
+        train, classes = ssv2_samples(video_dir, cfg.train_json, cfg.labels_json)
+        val, _ = ssv2_samples(video_dir, cfg.val_json, cfg.labels_json)
+
+    common = dict(
+        num_frames=cfg.num_frames,
+        sampling=cfg.sampling,
+        frame_stride=cfg.frame_stride,
+        crop_size=cfg.crop_size,
+        short_side=cfg.short_side,
+        seed=cfg.seed,
+    )
+    train_ds = VideoClipDataset(train, train=True, flip=cfg.flip, **common)
+    val_ds = VideoClipDataset(
+        val, train=False, num_clips=cfg.eval_clips, num_crops=cfg.eval_crops, **common
+    )
+    return train_ds, val_ds, classes
+
+
+def _loader(ds: Dataset, sampler: ShardedSampler, cfg: TrainConfig, env: DistEnv) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from ..models import PKS4VideoClassifier
+
+    return PKS4VideoClassifier(
+        cfg.backbone,
+        num_classes=num_classes,
+        num_frames=cfg.num_frames,
+        temporal=cfg.temporal,
+        freeze_backbone=cfg.freeze_backbone,
+        drop_rate=cfg.drop_rate,
+        pretrained=cfg.pretrained,
+    )
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for full precision. "auto": bf16 on GPUs that support it."""
+    if cfg.amp == "off":
+        return None
+    if cfg.amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+# ------------------------------------------------------------------------------ one epoch
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: Optional[torch.amp.GradScaler],
+    cfg: TrainConfig,
+    env: DistEnv,
+    amp_dtype: Optional[torch.dtype],
+    epoch: int,
+) -> dict[str, float]:
+    model.train()
+    steps = len(loader)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    desc = f"epoch {epoch + 1}/{cfg.epochs} train"
+    with Progress(steps, desc, enabled=cfg.progress and env.is_main) as bar:
+        for step, (clips, labels) in enumerate(loader):
+            if step >= steps:
+                break
+            clips = clips.to(env.device, non_blocking=True)
+            labels = labels.to(env.device, non_blocking=True)
+            with _autocast(env.device, amp_dtype):
+                logits = model(clips)
+            loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                params = [p for p in model.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            n = labels.shape[0]
+            totals += torch.tensor(
+                [loss.item() * n, topk_correct(logits.detach(), labels, (1,))[0], n],
+                dtype=torch.float64,
+            )
+            bar.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+    loss_sum, correct, count = all_reduce_sum(totals, env).tolist()
+    return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: TrainConfig,
+    env: DistEnv,
+    amp_dtype: Optional[torch.dtype],
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Top-1/top-5 and loss over the loader, summed across ranks. Multi-view clips
+    ``(B, V, T, 3, S, S)`` are scored by the mean of the views' softmax."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
+    with Progress(len(loader), desc, enabled=cfg.progress and env.is_main) as bar:
+        for clips, labels in loader:
+            clips = clips.to(env.device, non_blocking=True)
+            labels = labels.to(env.device, non_blocking=True)
+            views = 1
+            if clips.dim() == 6:
+                views = clips.shape[1]
+                clips = clips.flatten(0, 1)
+            with _autocast(env.device, amp_dtype):
+                logits = model(clips)
+            probs = logits.float().softmax(dim=-1)
+            probs = probs.view(labels.shape[0], views, -1).mean(dim=1)
+            loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+            top1, top5 = topk_correct(probs, labels, (1, 5))
+            totals += torch.tensor([loss.item(), top1, top5, labels.shape[0]], dtype=torch.float64)
+            bar.update()
+    loss_sum, top1, top5, count = all_reduce_sum(totals, env).tolist()
+    count = max(count, 1)
+    return {
+        "val_loss": loss_sum / count,
+        "val_top1": 100.0 * top1 / count,
+        "val_top5": 100.0 * top5 / count,
+    }
+
+
+# ------------------------------------------------------------------------------ the run
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def run(cfg: TrainConfig, eval_only: bool = False) -> RunResult:
+    """Trains (or, with ``eval_only``, evaluates ``cfg.resume``) and returns the model, the
+    per-epoch history and a summary. Joins a process group when launched by torchrun."""
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return _run(cfg, env, eval_only)
+    finally:
+        cleanup(env)
+
+
+def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
+    out_dir = Path(cfg.output_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    train_ds, val_ds, classes = build_datasets(cfg, env)
+    model = build_model(cfg, len(classes)).to(env.device)
+    params_total, params_trainable = count_parameters(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model: expected some trainable parameters, got none")
+
+    train_sampler = ShardedSampler(
+        len(train_ds),
+        shuffle=True,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        drop_last=True,
+        batch_size=cfg.batch_size,
+    )
+    if len(train_sampler) == 0:
+        raise ValueError(
+            f"batch_size: expected at most {len(train_ds) // env.world_size} clips per process "
+            f"for {len(train_ds)} training clips on {env.world_size} process(es), "
+            f"got {cfg.batch_size}"
+        )
+    val_sampler = ShardedSampler(len(val_ds), False, rank=env.rank, world_size=env.world_size)
+    train_loader = _loader(train_ds, train_sampler, cfg, env)
+    val_loader = _loader(val_ds, val_sampler, cfg, env)
+
+    steps_per_epoch = len(train_loader)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    # Weight decay on matrices only, as usual: not on norms, biases, or the scan's A, D, dt.
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+        min_ratio=cfg.min_lr_ratio,
+    )
+    amp_dtype = autocast_dtype(cfg, env.device)
+    scaler = None
+    if amp_dtype == torch.float16:
+        scaler = torch.amp.GradScaler(env.device.type)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    resume = cfg.resume
+    if resume == "auto":
+        last = out_dir / "checkpoint_last.pt"
+        resume = str(last) if last.is_file() else ""
+    if resume:
+        state = load_checkpoint(resume)
+        check_model_state(model, state["model"], resume)
+        model.load_state_dict(state["model"])
+        if not eval_only:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"])
+            history = list(state.get("history", []))
+    elif eval_only:
+        raise ValueError("resume: --eval-only needs a checkpoint to evaluate (--resume PATH)")
+
+    base = _unwrap(model)
+    if env.distributed:
+        model = DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None
+        )
+
+    summary: dict[str, Any] = {
+        "classes": len(classes),
+        "params_total": params_total,
+        "params_trainable": params_trainable,
+        "world_size": env.world_size,
+        "global_batch": cfg.batch_size * env.world_size,
+        "config": cfg.to_dict(),
+    }
+    if eval_only:
+        metrics = evaluate(model, val_loader, cfg, env, amp_dtype)
+        summary.update(metrics)
+        return RunResult(base, history, summary)
+
+    best = max((h["val_top1"] for h in history if h.get("val_top1") is not None), default=-1.0)
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_sampler.set_epoch(epoch)
+        for ds in (train_ds, val_ds):
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        record.update(
+            train_one_epoch(
+                model, train_loader, optimizer, scheduler, scaler, cfg, env, amp_dtype, epoch
+            )
+        )
+        record["train_time_s"] = time.perf_counter() - t0
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            record.update(evaluate(model, val_loader, cfg, env, amp_dtype, "         eval"))
+        history.append(record)
+        improved = record.get("val_top1") is not None and record["val_top1"] > best
+        if improved:
+            best = record["val_top1"]
+        if env.is_main:
+            _log_epoch(record, cfg.epochs)
+            state = {
+                "model": base.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "config": cfg.to_dict(),
+                "history": history,
+                "classes": list(classes),
+            }
+            save_checkpoint(out_dir / "checkpoint_last.pt", state)
+            if improved:
+                save_checkpoint(out_dir / "checkpoint_best.pt", state)
+            summary.update(summarize(history))
+            summary["train_time_s"] = sum(h["train_time_s"] for h in history)
+            write_metrics(out_dir / "metrics.json", history, summary)
+            plot_curves(out_dir / "curves.png", history, f"{cfg.temporal} on {cfg.dataset}")
+        barrier(env)
+    summary.update(summarize(history))
+    summary["train_time_s"] = sum(h["train_time_s"] for h in history)
+    summary["wall_time_s"] = time.perf_counter() - run_start
+    return RunResult(base, history, summary)
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best and final validation top-1, and the first epoch that reached the best to within a
+    point (how fast the method gets there)."""
+    evals = [h for h in history if h.get("val_top1") is not None]
+    if not evals:
+        return {}
+    best = max(h["val_top1"] for h in evals)
+    best_record = next(h for h in evals if h["val_top1"] == best)
+    reached = next(h["epoch"] for h in evals if h["val_top1"] >= best - 1.0)
+    return {
+        "best_val_top1": best,
+        "best_val_top5": best_record["val_top5"],
+        "best_epoch": best_record["epoch"],
+        "epochs_to_best": reached,
+        "final_val_top1": evals[-1]["val_top1"],
+    }
+
+
+def _log_epoch(record: dict[str, Any], epochs: int) -> None:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train_loss']:.4f}"]
+    parts.append(f"train top-1 {record['train_top1']:.1f}%")
+    if record.get("val_top1") is not None:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+        parts.append(f"val top-1 {record['val_top1']:.1f}% top-5 {record['val_top5']:.1f}%")
+    parts.append(f"{record['train_time_s']:.1f}s")
+    print(" | ".join(parts), flush=True)
