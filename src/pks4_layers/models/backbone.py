@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["FrameBackbone", "Features", "create_backbone"]
+__all__ = ["Features", "FrameBackbone", "create_backbone"]
 
 # torchvision ResNets reachable through ``create_backbone("tv_<name>")``.
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -93,6 +92,9 @@ class FrameBackbone(nn.Module):
     * torchvision ResNets (``conv1`` ... ``layer4``): the output of ``layer4``;
     * any other module whose ``forward`` returns ``(BT, C, h, w)``, given ``num_features=C``.
 
+    The classifier of a timm model (``reset_classifier(0)``) or torchvision ResNet (``fc``
+    becomes ``nn.Identity``) is removed from ``model`` in place: it is never used.
+
     Args:
         model: the image model.
         num_features: channels of the model's output; required only for models of the last
@@ -136,7 +138,16 @@ class FrameBackbone(nn.Module):
                 f"got {num_features}"
             )
         self.num_features = int(detected if detected is not None else num_features)
+        self._drop_classifier(model)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+    def _drop_classifier(self, model: nn.Module) -> None:
+        # The classifier never runs here: left in place it would count as backbone parameters
+        # and leave parameters without gradients (which DistributedDataParallel rejects).
+        if self.source == "torchvision_resnet":
+            model.fc = nn.Identity()
+        elif self.source in ("timm_vit", "timm_cnn") and getattr(model, "num_classes", 0):
+            model.reset_classifier(0)
 
     def _forward_frames(self, x: Tensor) -> Tensor:
         m = self.model
@@ -276,4 +287,3 @@ def create_backbone(
             "pass a model with its weights loaded or a checkpoint path instead"
         )
     return timm.create_model(name, pretrained=False, **kwargs)
-

@@ -1,0 +1,118 @@
+"""Temporal modules between a per-frame backbone and the classifier head.
+
+All take the :class:`~pks4_layers.PKS4Block` calling convention,
+``forward(x, grid=None, num_prefix_tokens=0)`` with ``x`` ``(B, T, C, H, W)`` maps or
+``(B, T, N, C)`` tokens, and return ``x``'s shape; all are the identity when created, so that
+swapping one for another changes nothing at step 0:
+
+* ``"pks4"``: :class:`~pks4_layers.PKS4Block`;
+* ``"mean"``: :class:`TemporalIdentity`, no temporal modelling (the head averages frames);
+* ``"tconv"``: :class:`TemporalConvBlock`, a residual depthwise-separable convolution over
+  time, the cheap baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..layers import PKS4Block
+
+__all__ = ["TEMPORAL_KINDS", "TemporalConvBlock", "TemporalIdentity", "create_temporal"]
+
+TEMPORAL_KINDS = ("pks4", "mean", "tconv")
+
+
+def _check_features(x: object, dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not (x.dim() == 5 and x.shape[2] == dim) and not (x.dim() == 4 and x.shape[-1] == dim):
+        raise ValueError(
+            f"x: expected (B, T, {dim}, H, W) maps or (B, T, N, {dim}) tokens, got {tuple(x.shape)}"
+        )
+
+
+class TemporalIdentity(nn.Module):
+    """No temporal modelling: returns its input (the frame-average baseline).
+
+    Shapes: ``(B, T, C, H, W)`` or ``(B, T, N, C)`` -> the same tensor.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(
+        self, x: Tensor, grid: Optional[tuple[int, int]] = None, num_prefix_tokens: int = 0
+    ) -> Tensor:
+        _check_features(x, self.dim)
+        return x
+
+
+class TemporalConvBlock(nn.Module):
+    """Residual depthwise-separable convolution over time at every location.
+
+    ``x + pointwise(act(depthwise_t(norm(x))))``: a LayerNorm over channels, a depthwise
+    ``kernel_size``-tap convolution along ``T`` (centred, zero padded, so it sees past and future
+    frames like the bidirectional PKS4 scan), GELU, and a ``C x C`` pointwise projection that
+    starts at zero, so the block is the identity when created. Every location (prefix tokens
+    included) is an independent sequence; about ``C * (C + kernel_size + 4)`` parameters.
+
+    Args:
+        dim: channels ``C``.
+        kernel_size: taps along time (odd).
+
+    Shapes (``forward(x, grid=None, num_prefix_tokens=0)``):
+        ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)``; ``(B, T, N, C)`` -> ``(B, T, N, C)``.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected a positive odd int, got {kernel_size}")
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim)
+        self.dwconv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = nn.GELU()
+        self.pwconv = nn.Linear(dim, dim)
+        self.reset_output()
+
+    def reset_output(self) -> None:
+        """Zero the output projection: the block becomes the identity."""
+        nn.init.zeros_(self.pwconv.weight)
+        nn.init.zeros_(self.pwconv.bias)
+
+    def forward(
+        self, x: Tensor, grid: Optional[tuple[int, int]] = None, num_prefix_tokens: int = 0
+    ) -> Tensor:
+        _check_features(x, self.dim)
+        if x.dim() == 5:
+            H, W = x.shape[-2:]
+            out = self._forward_tokens(rearrange(x, "b t c h w -> b t (h w) c"))
+            return rearrange(out, "b t (h w) c -> b t c h w", h=H, w=W)
+        return self._forward_tokens(x)
+
+    def _forward_tokens(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        h = rearrange(self.norm(x), "b t l c -> (b l) c t")
+        h = rearrange(self.dwconv(h), "(b l) c t -> b t l c", b=B)
+        return x + self.pwconv(self.act(h))
+
+
+def create_temporal(kind: str, dim: int, **kwargs) -> nn.Module:
+    """The temporal module ``kind`` (``"pks4"``, ``"mean"``, ``"tconv"``) for ``dim`` channels.
+
+    ``kwargs`` go to its constructor: :class:`~pks4_layers.PKS4Block`'s arguments for
+    ``"pks4"``, ``kernel_size`` for ``"tconv"``, none for ``"mean"``.
+    """
+    if kind == "pks4":
+        return PKS4Block(dim, **kwargs)
+    if kind == "tconv":
+        return TemporalConvBlock(dim, **kwargs)
+    if kind == "mean":
+        if kwargs:
+            raise ValueError(f"block_kwargs: expected none for temporal='mean', got {kwargs}")
+        return TemporalIdentity(dim)
+    raise ValueError(f"temporal: expected one of {list(TEMPORAL_KINDS)}, got {kind!r}")
