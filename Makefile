@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench results clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/scan_speed.py
+
+# Frame-average vs temporal conv vs PKS4 on the generated temporal- and spatial-heavy tasks
+# (frozen pretrained efficientnet_lite0; a few minutes on 2 CPU cores).
+results: $(STAMP)
+	$(PY) benchmarks/result_table.py
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -45,9 +45,9 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------------- data
-def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset, list[str]]:
-    """(train, val, class names) for the config's dataset layout."""
-    from ..data import VideoClipDataset, folder_samples, make_benchmark, ssv2_samples
+def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]]:
+    """(train samples, val samples, class names) for the config's dataset layout."""
+    from ..data import folder_samples, make_benchmark, ssv2_samples
 
     if cfg.dataset == "benchmark":
         # Rank 0 writes the generated videos; the others wait, then find them (the call is
@@ -79,7 +79,16 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset, li
         video_dir = cfg.video_dir or cfg.data_root
         train, classes = ssv2_samples(video_dir, cfg.train_json, cfg.labels_json)
         val, _ = ssv2_samples(video_dir, cfg.val_json, cfg.labels_json)
+    return train, val, classes
 
+
+def build_datasets(
+    cfg: TrainConfig, train: list, val: list, normalisation: tuple[tuple, tuple]
+) -> tuple[Dataset, Dataset]:
+    """The training and validation datasets; ``normalisation`` is the backbone's (mean, std)."""
+    from ..data import VideoClipDataset
+
+    mean, std = normalisation
     common = dict(
         num_frames=cfg.num_frames,
         sampling=cfg.sampling,
@@ -87,12 +96,27 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset, li
         crop_size=cfg.crop_size,
         short_side=cfg.short_side,
         seed=cfg.seed,
+        mean=mean,
+        std=std,
     )
     train_ds = VideoClipDataset(train, train=True, flip=cfg.flip, **common)
     val_ds = VideoClipDataset(
         val, train=False, num_clips=cfg.eval_clips, num_crops=cfg.eval_crops, **common
     )
-    return train_ds, val_ds, classes
+    return train_ds, val_ds
+
+
+def backbone_normalisation(model: nn.Module) -> tuple[tuple, tuple]:
+    """The (mean, std) the backbone was trained with (a timm model's ``pretrained_cfg``),
+    ImageNet's otherwise."""
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
+
+    inner = getattr(getattr(model, "backbone", None), "model", None)
+    cfg = getattr(inner, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    return tuple(mean), tuple(std)
 
 
 def _loader(ds: Dataset, sampler: ShardedSampler, cfg: TrainConfig, env: DistEnv) -> DataLoader:
@@ -260,8 +284,10 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    train_ds, val_ds, classes = build_datasets(cfg, env)
+    train_samples, val_samples, classes = build_samples(cfg, env)
     model = build_model(cfg, len(classes)).to(env.device)
+    normalisation = backbone_normalisation(model)
+    train_ds, val_ds = build_datasets(cfg, train_samples, val_samples, normalisation)
     params_total, params_trainable = count_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -340,6 +366,7 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         "params_trainable": params_trainable,
         "world_size": env.world_size,
         "global_batch": cfg.batch_size * env.world_size,
+        "normalisation": {"mean": list(normalisation[0]), "std": list(normalisation[1])},
         "config": cfg.to_dict(),
     }
     if eval_only:
