@@ -7,7 +7,7 @@ and prints and saves one table: best validation top-1, the first epoch within a 
 trainable parameters, GFLOPs per clip (forward) and training time. Also saves the validation
 curves as a picture.
 
-    python benchmarks/result_table.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/result_table.py            # about 10 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=96, help="frame size of the generated clips")
-    p.add_argument("--train-clips", type=int, default=96)
+    p.add_argument("--train-clips", type=int, default=192)
     p.add_argument("--val-clips", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default="data/generated")
     p.add_argument("--runs-dir", default="runs/result_table")

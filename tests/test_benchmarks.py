@@ -85,3 +85,48 @@ def test_scan_speed_reports_failing_backend(tmp_path: Path) -> None:
     assert rows["nonexistent"]["error"] and "backend" in rows["nonexistent"]["error"]
     assert rows["nonexistent"]["fwd_ms"] is None
     assert "motion_scan[nonexistent]" in stdout
+
+
+@pytest.mark.slow
+def test_result_table_script_trains_every_model_and_saves_table(tmp_path):
+    """benchmarks/result_table.py on a tiny setting (random frozen backbone, 1 epoch): one
+    row per (task, model) with sane numbers, a markdown table, a JSON and a PNG."""
+    pytest.importorskip("av")
+    pytest.importorskip("timm")
+    script = SCRIPT.parent / "result_table.py"
+    out = tmp_path / "table"
+    args = [
+        "--tasks=temporal,spatial",
+        "--models=mean,pks4",
+        "--no-pretrained",
+        "--epochs=1",
+        "--frames=4",
+        "--size=64",
+        "--train-clips=8",
+        "--val-clips=6",
+        "--batch-size=4",
+        f"--data-root={tmp_path / 'data'}",
+        f"--runs-dir={tmp_path / 'runs'}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["task"], r["model"]) for r in rows] == [
+        ("temporal", "mean"),
+        ("temporal", "pks4"),
+        ("spatial", "mean"),
+        ("spatial", "pks4"),
+    ]
+    for r in rows:
+        assert 0.0 <= r["val_top1"] <= 100.0 and r["epochs_to_best"] == 1
+        assert r["gflops"] > 0 and math.isfinite(r["train_time_s"])
+    by_model = {r["model"]: r for r in rows if r["task"] == "temporal"}
+    assert by_model["mean"]["gflops_temporal"] == 0.0 < by_model["pks4"]["gflops_temporal"]
+    assert by_model["mean"]["params_trainable"] < by_model["pks4"]["params_trainable"]
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| temporal |") == 2 and "| pks4 |" in table
+    assert out.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)

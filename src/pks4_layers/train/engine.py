@@ -83,10 +83,16 @@ def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]
 
 
 def build_datasets(
-    cfg: TrainConfig, train: list, val: list, normalisation: tuple[tuple, tuple]
+    cfg: TrainConfig,
+    train: list,
+    val: list,
+    classes: list[str],
+    normalisation: tuple[tuple, tuple],
 ) -> tuple[Dataset, Dataset]:
-    """The training and validation datasets; ``normalisation`` is the backbone's (mean, std)."""
-    from ..data import VideoClipDataset
+    """The training and validation datasets; ``normalisation`` is the backbone's (mean, std).
+    A flipped SSv2 clip swaps the labels of its left/right classes ("Pushing something from
+    left to right" becomes "... from right to left")."""
+    from ..data import SSV2_FLIP_PAIRS, VideoClipDataset, flip_label_map
 
     mean, std = normalisation
     common = dict(
@@ -99,7 +105,12 @@ def build_datasets(
         mean=mean,
         std=std,
     )
-    train_ds = VideoClipDataset(train, train=True, flip=cfg.flip, **common)
+    label_map = None
+    if cfg.flip and cfg.dataset == "ssv2":
+        label_map = flip_label_map(classes, SSV2_FLIP_PAIRS)
+    train_ds = VideoClipDataset(
+        train, train=True, flip=cfg.flip, flip_label_map=label_map, **common
+    )
     val_ds = VideoClipDataset(
         val, train=False, num_clips=cfg.eval_clips, num_crops=cfg.eval_crops, **common
     )
@@ -287,7 +298,7 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
     train_samples, val_samples, classes = build_samples(cfg, env)
     model = build_model(cfg, len(classes)).to(env.device)
     normalisation = backbone_normalisation(model)
-    train_ds, val_ds = build_datasets(cfg, train_samples, val_samples, normalisation)
+    train_ds, val_ds = build_datasets(cfg, train_samples, val_samples, classes, normalisation)
     params_total, params_trainable = count_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
