@@ -25,7 +25,7 @@ from pks4_layers.models import model_report
 from pks4_layers.train import TrainConfig, run
 
 TASK_NOTES = {
-    "temporal": "label = direction of motion (frame average at chance by construction)",
+    "temporal": "label = direction of motion (no order-free model can tell it)",
     "spatial": "label = content (source video)",
 }
 
@@ -124,7 +124,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         for r in (r for r in rows if r["task"] == task):
             pts = [(h["epoch"], h["val_top1"]) for h in r["history"] if "val_top1" in h]
             ax.plot(*zip(*pts), "o-", label=r["model"])
-        ax.axhline(100.0 / rows[0]["classes"], color="grey", ls=":", label="chance")
+        classes = next(r["classes"] for r in rows if r["task"] == task)
+        ax.axhline(100.0 / classes, color="grey", ls=":", label="chance")
         ax.set_title(f"{task}: {TASK_NOTES.get(task, '')}", fontsize=8)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%)")
