@@ -105,6 +105,11 @@ def _speeds(size: int) -> tuple[int, int]:
     return max(1, size // 8), max(2, size // 6)
 
 
+def _source_short_side(size: int, num_frames: int) -> int:
+    # The pan needs room: the frames' short side covers the window plus the longest path.
+    return max(2 * size, size + (num_frames - 1) * _speeds(size)[1] + 2)
+
+
 def _temporal_clip(
     label: int, g: torch.Generator, sources: dict, num_frames: int, size: int
 ) -> Tensor:
@@ -200,9 +205,7 @@ def make_benchmark(
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"root: {out} exists and is not a generated benchmark (no manifest)")
 
-    # The pan needs room: the frames' short side covers the window plus the longest path.
-    short_side = max(2 * size, size + (num_frames - 1) * _speeds(size)[1] + 2)
-    sources = _source_frames(short_side)
+    sources = _source_frames(_source_short_side(size, num_frames))
     make = _MAKERS[task]
     Path(root).mkdir(parents=True, exist_ok=True)
     # Build next to the target and swap in at the end: an interrupted run leaves no half folder.
