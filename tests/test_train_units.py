@@ -164,3 +164,10 @@ def test_progress_prints_every_n_steps_and_the_last():
     lines = stream.getvalue().splitlines()
     assert [line.split("] ")[1].split()[0] for line in lines] == ["2/5", "4/5", "5/5"]
     assert "loss 0.5000" in lines[-1]
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("pks4-train") == "pks4_layers.train.cli:main"
