@@ -2,6 +2,14 @@
 
 from .block import PKS4Block
 from .kinematic_prior import KinematicPriorEncoder
+from .stream_state import PKS4StreamState, PriorStreamState, ScanStreamState
 from .temporal_scan import ParallelTemporalScan
 
-__all__ = ["KinematicPriorEncoder", "PKS4Block", "ParallelTemporalScan"]
+__all__ = [
+    "KinematicPriorEncoder",
+    "PKS4Block",
+    "PKS4StreamState",
+    "ParallelTemporalScan",
+    "PriorStreamState",
+    "ScanStreamState",
+]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ._checks import check_float_tensor, check_grid, check_same_device, check_tokens
 from .kinematic_prior import KinematicPriorEncoder
+from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
 
 
@@ -33,7 +34,8 @@ class PKS4Block(nn.Module):
         expand: the scan's inner width is ``expand * dim``.
         radius: correlation window radius of the prior encoder.
         d_conv: width of the scan's temporal convolution.
-        bidirectional: forward and reverse scans; ``False`` gives a causal block.
+        bidirectional: forward and reverse scans; ``False`` gives a causal block (the output
+            at frame ``t`` depends on frames ``<= t`` only), which can stream.
         corr_dim, diff_dim: channel reductions inside the prior encoder.
         backend: backend of :func:`pks4_layers.ops.motion_scan`.
 
@@ -42,6 +44,13 @@ class PKS4Block(nn.Module):
         tokens ``(B, T, N, C)`` with ``N = num_prefix_tokens + H * W`` and ``grid = (H, W)``
         -> ``(B, T, N, C)``. Prefix tokens (a ViT's class token) are scanned over time with a
         zero kinematic prior: they have no spatial neighbourhood to correlate.
+
+    Streaming (causal blocks): ``out, state = block.step(chunk, state, grid, num_prefix_tokens)``
+    on consecutive chunks of ``T >= 1`` frames, starting from ``state=None`` or
+    :meth:`init_stream`, gives the outputs of :meth:`forward` on the whole video in constant
+    memory. The state holds the previous frame's reduced features (kinematic prior), the last
+    ``d_conv - 1`` inputs of the causal temporal convolution and the scan's state.
+    A bidirectional block refuses to stream: its reverse scan needs the frames still to come.
     """
 
     def __init__(
@@ -86,6 +95,99 @@ class PKS4Block(nn.Module):
         grid: Optional[tuple[int, int]] = None,
         num_prefix_tokens: int = 0,
     ) -> Tensor:
+        tokens, grid, prefix = self._as_tokens(x, grid, num_prefix_tokens)
+        out, _ = self._forward_tokens(tokens, grid, prefix)
+        return self._as_input_layout(out, x, grid)
+
+    def init_stream(
+        self,
+        batch_size: int,
+        grid: tuple[int, int],
+        num_prefix_tokens: int = 0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> PKS4StreamState:
+        """The state before the first frame of a stream (causal blocks only).
+
+        :meth:`step` with ``state=None`` makes it from its first chunk; build it here to hold
+        its memory from the start or to pick its device and dtype.
+
+        Args:
+            batch_size: ``B``, the videos streamed together.
+            grid: ``(H, W)`` of the feature map or token grid.
+            num_prefix_tokens: tokens before the grid (0 for feature maps).
+            device, dtype: those of the features to come (default: the block's parameters').
+
+        Returns:
+            a :class:`~pks4_layers.layers.stream_state.PKS4StreamState` of
+            ``B * (H*W * (corr_dim + diff_dim) + 1 + L * d_inner * (d_conv - 1 + d_state))``
+            numbers, ``L = num_prefix_tokens + H * W``, whatever the length of the stream.
+        """
+        self.scan.check_streamable()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or not all(isinstance(g, int) and g > 0 for g in grid)
+        ):
+            raise ValueError(f"grid: expected a pair of positive ints (H, W), got {grid!r}")
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(
+                f"num_prefix_tokens: expected a non-negative int, got {num_prefix_tokens!r}"
+            )
+        spatial = grid[0] * grid[1]
+        return PKS4StreamState(
+            prior=self.prior.init_stream(batch_size, spatial, device, dtype),
+            scan=self.scan.init_stream(batch_size, num_prefix_tokens + spatial, device, dtype),
+        )
+
+    def step(
+        self,
+        x: Tensor,
+        state: Optional[PKS4StreamState] = None,
+        grid: Optional[tuple[int, int]] = None,
+        num_prefix_tokens: int = 0,
+    ) -> tuple[Tensor, PKS4StreamState]:
+        """The next chunk of a stream: online inference in constant memory (causal blocks only).
+
+        Streaming a video in chunks of any lengths, each call given the state the previous one
+        returned, gives the outputs of :meth:`forward` on the whole video: a block built with
+        ``bidirectional=False`` sees frame ``t`` and the frames before it only. Run it under
+        ``torch.no_grad()`` (or ``state = state.detach()`` between chunks) to keep the memory
+        constant: otherwise autograd keeps every chunk's graph through the state.
+
+        Args:
+            x: the chunk, in :meth:`forward`'s layout with ``T >= 1`` frames: maps
+                ``(B, T, C, H, W)`` or tokens ``(B, T, N, C)``.
+            state: from :meth:`init_stream` or the previous call; ``None`` starts a stream
+                (the first frame of ``x`` is frame 0: no predecessor, no motion).
+            grid, num_prefix_tokens: as in :meth:`forward`, the same for every chunk.
+
+        Returns:
+            the chunk's output, ``x``'s shape, and the state for the next chunk.
+        """
+        self.scan.check_streamable()
+        tokens, grid, prefix = self._as_tokens(x, grid, num_prefix_tokens)
+        if state is not None:
+            if not isinstance(state, PKS4StreamState):
+                raise TypeError(
+                    f"state: expected a PKS4StreamState or None, got {type(state).__name__}"
+                )
+            expected = (tokens.shape[0], tokens.shape[2], tokens.shape[2] - prefix)
+            got = (state.batch_size, state.num_locations, state.num_spatial)
+            if got != expected:
+                raise ValueError(
+                    f"state: expected (batch, locations, grid locations) = {expected} (those of "
+                    f"x), got {got}"
+                )
+        out, state = self._forward_tokens(tokens, grid, prefix, stream=True, state=state)
+        return self._as_input_layout(out, x, grid), state
+
+    def _as_tokens(
+        self, x: Tensor, grid: Optional[tuple[int, int]], num_prefix_tokens: int
+    ) -> tuple[Tensor, tuple[int, int], int]:
+        """``x`` as tokens ``(B, T, L, C)``, the grid and the number of prefix tokens."""
         check_float_tensor("x", x)
         if x.dim() == 5:
             if x.shape[2] != self.dim:
@@ -99,9 +201,7 @@ class PKS4Block(nn.Module):
             H, W = x.shape[-2:]
             if grid is not None and tuple(grid) != (H, W):
                 raise ValueError(f"grid: expected {(H, W)} (that of x) or None, got {grid!r}")
-            tokens = rearrange(x, "b t c h w -> b t (h w) c")
-            out = self._forward_tokens(tokens, (H, W), 0)
-            return rearrange(out, "b t (h w) c -> b t c h w", h=H, w=W)
+            return rearrange(x, "b t c h w -> b t (h w) c"), (H, W), 0
         if x.dim() == 4:
             if x.shape[-1] != self.dim:
                 raise ValueError(
@@ -114,19 +214,40 @@ class PKS4Block(nn.Module):
                     f"num_prefix_tokens: expected an int in [0, {x.shape[2]}], "
                     f"got {num_prefix_tokens!r}"
                 )
-            return self._forward_tokens(x, grid, num_prefix_tokens)
+            return x, grid, num_prefix_tokens
         raise ValueError(
             f"x: expected (B, T, C, H, W) feature maps or (B, T, N, C) tokens, "
             f"got shape {tuple(x.shape)}"
         )
 
-    def _forward_tokens(self, x: Tensor, grid: tuple[int, int], prefix: int) -> Tensor:
+    @staticmethod
+    def _as_input_layout(out: Tensor, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        if x.dim() == 5:
+            return rearrange(out, "b t (h w) c -> b t c h w", h=grid[0], w=grid[1])
+        return out
+
+    def _forward_tokens(
+        self,
+        x: Tensor,
+        grid: tuple[int, int],
+        prefix: int,
+        stream: bool = False,
+        state: Optional[PKS4StreamState] = None,
+    ) -> tuple[Tensor, Optional[PKS4StreamState]]:
         grid = check_grid(grid, x.shape[2] - prefix)
         check_tokens("x", x, self.dim)
         check_same_device("x", x, "the block's parameters", self.norm.weight)
         h = self.norm(x)
-        prior = self.prior(h[:, :, prefix:], grid)
+        if stream:
+            prior, prior_state = self.prior.step(
+                h[:, :, prefix:], grid, None if state is None else state.prior
+            )
+        else:
+            prior = self.prior(h[:, :, prefix:], grid)
         if prefix:
             no_motion = prior.new_zeros(*prior.shape[:2], prefix, prior.shape[-1])
             prior = torch.cat([no_motion, prior], dim=2)
-        return x + self.scan(h, prior)
+        if not stream:
+            return x + self.scan(h, prior), None
+        y, scan_state = self.scan.step(h, prior, None if state is None else state.scan)
+        return x + y, PKS4StreamState(prior=prior_state, scan=scan_state)

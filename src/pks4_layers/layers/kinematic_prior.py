@@ -13,11 +13,15 @@ its abstract; the paper's exact formulas were not available. Two cues per frame 
 
 Frame 0 has no predecessor: its cost volume, displacement, confidence and difference are zero,
 and a ``has_previous`` channel tells the fusion which frames had one. Nothing wraps around.
+
+The prior of frame ``t`` depends on frames ``t`` and ``t-1`` only, so it streams:
+``KinematicPriorEncoder.step`` keeps the previous frame's reduced features between chunks.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._checks import check_grid, check_tokens
+from .stream_state import PriorStreamState
 
 
 def local_correlation(current: Tensor, previous: Tensor, radius: int) -> Tensor:
@@ -101,25 +106,114 @@ class KinematicPriorEncoder(nn.Module):
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         check_tokens("x", x, self.dim)
         H, W = check_grid(grid, x.shape[2])
-        Bsz, T = x.shape[:2]
+        return self._encode(x, H, W, None)[0]
 
-        motion = self._displacement_cues(x, H, W)  # (B, T, L, K + 3)
-        boundaries = self._difference_cues(x, H, W)  # (B, T, L, diff_dim)
-        has_previous = x.new_ones(Bsz, T, x.shape[2], 1)
-        has_previous[:, :1] = 0
-        return self.fuse(torch.cat([motion, has_previous, boundaries], dim=-1))
+    def init_stream(
+        self,
+        batch_size: int,
+        num_locations: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> PriorStreamState:
+        """The state before the first frame of a stream: no previous frame.
 
-    def _displacement_cues(self, x: Tensor, H: int, W: int) -> Tensor:
+        Args:
+            batch_size: ``B``.
+            num_locations: ``H * W`` of the grid.
+            device, dtype: those of the features to come (default: the module's parameters').
+        """
+        ref = self.corr_reduce.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        return PriorStreamState(
+            previous_corr=torch.zeros(
+                batch_size, num_locations, self.corr_reduce.out_features, device=device, dtype=dtype
+            ),
+            previous_diff=torch.zeros(
+                batch_size, num_locations, self.diff_reduce.out_features, device=device, dtype=dtype
+            ),
+            has_previous=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        )
+
+    def step(
+        self, x: Tensor, grid: tuple[int, int], state: Optional[PriorStreamState] = None
+    ) -> tuple[Tensor, PriorStreamState]:
+        """The prior of the next chunk of a stream, and the state for the chunk after it.
+
+        Args:
+            x: ``(B, T, L, dim)``, the chunk's frames (``T >= 1``).
+            grid: ``(H, W)`` with ``H * W == L``.
+            state: from :meth:`init_stream` or the previous call; ``None`` starts a stream.
+
+        Returns:
+            the prior ``(B, T, L, prior_dim)``, equal to that of the same frames in a call on
+            the whole stream so far, and the new state.
+        """
+        check_tokens("x", x, self.dim)
+        H, W = check_grid(grid, x.shape[2])
+        if state is None:
+            state = self.init_stream(x.shape[0], x.shape[2], x.device, x.dtype)
+        expected = (x.shape[0], x.shape[2], self.corr_reduce.out_features)
+        if tuple(state.previous_corr.shape) != expected:
+            raise ValueError(
+                f"state: expected previous_corr of shape {expected} (batch and locations of x), "
+                f"got {tuple(state.previous_corr.shape)}"
+            )
+        prior, corr, diff = self._encode(x, H, W, state)
+        return prior, PriorStreamState(corr, diff, torch.ones_like(state.has_previous))
+
+    def _encode(
+        self, x: Tensor, H: int, W: int, state: Optional[PriorStreamState]
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The prior and, when streaming, the last frame's normalised and difference features
+        (``None`` otherwise). Without a state, frame 0 has no predecessor; with one, frame 0's
+        predecessor is the state's, if it has one (``has_previous``)."""
+        Bsz, T, L, _ = x.shape
+        # keep[b, t]: frame t has a predecessor.
+        keep = torch.ones(Bsz, T, dtype=torch.bool, device=x.device)
+        keep[:, 0] = False if state is None else state.has_previous
+        if state is None:
+            motion = self._displacement_cues(x, H, W)  # (B, T, L, K + 3)
+            boundaries = self._difference_cues(x, H, W)  # (B, T, L, diff_dim)
+            corr = diff = None
+        else:
+            corr = F.normalize(self.corr_reduce(x), dim=-1)
+            diff = self.diff_reduce(x)
+            motion = self._displacement_cues(x, H, W, state, keep, corr)
+            boundaries = self._difference_cues(x, H, W, state, keep, diff)
+            # Copies, not views: the state must not keep the whole chunk alive.
+            corr, diff = corr[:, -1].clone(), diff[:, -1].clone()
+        has_previous = keep.to(x.dtype)[:, :, None, None].expand(Bsz, T, L, 1)
+        prior = self.fuse(torch.cat([motion, has_previous, boundaries], dim=-1))
+        return prior, corr, diff
+
+    def _displacement_cues(
+        self,
+        x: Tensor,
+        H: int,
+        W: int,
+        state: Optional[PriorStreamState] = None,
+        keep: Optional[Tensor] = None,
+        feats: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Cost volume, displacement and confidence ``(B, T, L, K + 3)``; with a stream
+        ``state``, ``keep`` ``(B, T)`` says which frames have a predecessor and ``feats`` are
+        the chunk's normalised reduced features."""
         Bsz, T, L, _ = x.shape
         K = self.num_displacements
         first = x.new_zeros(Bsz, 1, L, K + 3)  # frame 0: no predecessor, no motion
-        if T < 2:
+        if state is None and T < 2:
             return first
-        feats = F.normalize(self.corr_reduce(x), dim=-1)
-        feats = rearrange(feats, "b t (h w) c -> b t c h w", h=H, w=W)
+        if feats is None:
+            feats = F.normalize(self.corr_reduce(x), dim=-1)
+        if state is None:
+            current, previous = feats[:, 1:], feats[:, :-1]
+        else:
+            current = feats
+            previous = torch.cat([state.previous_corr[:, None].to(feats.dtype), feats[:, :-1]], 1)
         cost = local_correlation(
-            rearrange(feats[:, 1:], "b t c h w -> (b t) c h w"),
-            rearrange(feats[:, :-1], "b t c h w -> (b t) c h w"),
+            rearrange(current, "b t (h w) c -> (b t) c h w", h=H, w=W),
+            rearrange(previous, "b t (h w) c -> (b t) c h w", h=H, w=W),
             self.radius,
         )
         cost = rearrange(cost, "(b t) k h w -> b t (h w) k", b=Bsz)
@@ -130,11 +224,34 @@ class KinematicPriorEncoder(nn.Module):
         entropy = -(match * torch.log(match.clamp_min(1e-12))).sum(-1, keepdim=True)
         confidence = 1.0 - entropy / math.log(K) if K > 1 else torch.ones_like(entropy)
         later = torch.cat([cost, velocity, confidence], dim=-1).to(first.dtype)
-        return torch.cat([first, later], dim=1)
+        if state is None:
+            return torch.cat([first, later], dim=1)
+        # A stream's first frame has no predecessor either: the same zeros, whatever the
+        # (zero) stored features gave.
+        return torch.where(keep[:, :, None, None], later, first.new_zeros(()))
 
-    def _difference_cues(self, x: Tensor, H: int, W: int) -> Tensor:
-        reduced = self.diff_reduce(x)  # (B, T, L, diff_dim)
-        diff = torch.cat([torch.zeros_like(reduced[:, :1]), reduced[:, 1:] - reduced[:, :-1]], 1)
+    def _difference_cues(
+        self,
+        x: Tensor,
+        H: int,
+        W: int,
+        state: Optional[PriorStreamState] = None,
+        keep: Optional[Tensor] = None,
+        reduced: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Frame-difference features ``(B, T, L, diff_dim)``; ``state`` and ``keep`` as in
+        :meth:`_displacement_cues`, ``reduced`` the chunk's ``diff_reduce(x)``."""
+        if reduced is None:
+            reduced = self.diff_reduce(x)  # (B, T, L, diff_dim)
+        if state is None:
+            diff = torch.cat(
+                [torch.zeros_like(reduced[:, :1]), reduced[:, 1:] - reduced[:, :-1]], 1
+            )
+        else:
+            previous = torch.cat(
+                [state.previous_diff[:, None].to(reduced.dtype), reduced[:, :-1]], 1
+            )
+            diff = torch.where(keep[:, :, None, None], reduced - previous, reduced.new_zeros(()))
         maps = rearrange(diff, "b t (h w) c -> (b t) c h w", h=H, w=W)
         edges = F.gelu(self.diff_conv(maps))
         return rearrange(edges, "(b t) c h w -> b t (h w) c", b=x.shape[0])

@@ -12,7 +12,7 @@ it enters the projections that give the step size ``delta`` (how fast the state 
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ..ops import motion_scan
 from ._checks import check_same_device, check_tokens
-from .temporal_conv import temporal_conv
+from .stream_state import ScanStreamState, scan_state_dtype
+from .temporal_conv import temporal_conv, temporal_conv_step
 
 
 class DirectionalScan(nn.Module):
@@ -83,6 +84,26 @@ class DirectionalScan(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor, prior: Tensor) -> Tensor:
         x = F.silu(temporal_conv(x, self.conv_weight, self.conv_bias, reverse=self.reverse))
+        return self._scan(x, z, prior)
+
+    def step(
+        self, x: Tensor, z: Tensor, prior: Tensor, state: ScanStreamState
+    ) -> tuple[Tensor, ScanStreamState]:
+        """The forward direction on the next chunk of a stream, carrying the conv's last inputs
+        and the scan's state: equal to the same frames of a call on the whole stream."""
+        if self.reverse:
+            raise ValueError(
+                "reverse: expected a forward (causal) scan to stream, got a reverse scan, "
+                "which needs the frames that have not come yet"
+            )
+        conv, history = temporal_conv_step(x, self.conv_weight, self.conv_bias, state.conv_inputs)
+        y, last = self._scan(F.silu(conv), z, prior, initial_state=state.scan_state)
+        return y, ScanStreamState(conv_inputs=history, scan_state=last)
+
+    def _scan(
+        self, x: Tensor, z: Tensor, prior: Tensor, initial_state: Optional[Tensor] = None
+    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """``y``, and the last state when ``initial_state`` is given (streaming)."""
         proj = self.x_proj(x) + self.prior_proj(prior)
         dt_low, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight)
@@ -100,6 +121,8 @@ class DirectionalScan(nn.Module):
             delta_bias=self.dt_proj.bias.to(pdt),
             delta_softplus=True,
             reverse=self.reverse,
+            initial_state=initial_state,
+            return_last_state=initial_state is not None,
             backend=self.backend,
         )
 
@@ -119,11 +142,15 @@ class ParallelTemporalScan(nn.Module):
         expand: inner width is ``expand * dim``.
         d_conv: width of the temporal convolution.
         dt_rank: rank of the ``delta`` projection; ``"auto"`` is ``ceil(dim / 16)``.
-        bidirectional: add a reverse-time scan (the forward-only scan is causal).
+        bidirectional: add a reverse-time scan (the forward-only scan is causal: its temporal
+            convolution is the causal one, so frame ``t`` sees frames ``<= t`` only).
         backend: passed to :func:`pks4_layers.ops.motion_scan`.
 
     Shapes:
         ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` -> ``(B, T, L, dim)``.
+
+    A forward-only scan also runs on a stream, chunk by chunk (:meth:`init_stream`,
+    :meth:`step`), carrying the convolution's last inputs and the scan's state.
     """
 
     def __init__(
@@ -154,6 +181,14 @@ class ParallelTemporalScan(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, dim)
 
     def forward(self, x: Tensor, prior: Tensor) -> Tensor:
+        self._check_inputs(x, prior)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        y = self.directions[0](xs, z, prior)
+        for direction in self.directions[1:]:
+            y = y + direction(xs, z, prior)
+        return self.out_proj(y / len(self.directions))
+
+    def _check_inputs(self, x: Tensor, prior: Tensor) -> None:
         check_tokens("x", x, self.dim)
         check_tokens("prior", prior, self.prior_dim, length=x.shape[2])
         if prior.shape[:2] != x.shape[:2]:
@@ -163,8 +198,85 @@ class ParallelTemporalScan(nn.Module):
             )
         check_same_device("x", x, "the module's parameters", self.in_proj.weight)
         check_same_device("prior", prior, "x", x)
+
+    def check_streamable(self) -> None:
+        """Raise unless the scan is causal (only a forward scan can run on a stream)."""
+        if self.bidirectional:
+            raise ValueError(
+                "bidirectional: expected False to stream (the reverse scan needs the frames that "
+                "have not come yet), got True; build the block with bidirectional=False"
+            )
+
+    def init_stream(
+        self,
+        batch_size: int,
+        num_locations: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> ScanStreamState:
+        """The state before the first frame of a stream: zero conv inputs, zero scan state.
+
+        Args:
+            batch_size: ``B``.
+            num_locations: ``L``, the scanned locations.
+            device, dtype: those of the features to come (default: the module's parameters').
+
+        Returns:
+            ``conv_inputs (B, d_conv - 1, L, d_inner)`` in ``dtype`` and ``scan_state
+            (B, L, d_inner, d_state)`` in float32 (float64 for float64 features).
+        """
+        self.check_streamable()
+        scan = self.directions[0]
+        ref = self.in_proj.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        d_conv = scan.conv_weight.shape[1]
+        return ScanStreamState(
+            conv_inputs=torch.zeros(
+                batch_size, d_conv - 1, num_locations, self.d_inner, device=device, dtype=dtype
+            ),
+            scan_state=torch.zeros(
+                batch_size,
+                num_locations,
+                self.d_inner,
+                scan.d_state,
+                device=device,
+                dtype=scan_state_dtype(dtype),
+            ),
+        )
+
+    def step(
+        self, x: Tensor, prior: Tensor, state: Optional[ScanStreamState] = None
+    ) -> tuple[Tensor, ScanStreamState]:
+        """The scan on the next chunk of a stream (causal scans only).
+
+        Args:
+            x: ``(B, T, L, dim)``, the chunk (``T >= 1``).
+            prior: ``(B, T, L, prior_dim)``.
+            state: from :meth:`init_stream` or the previous call; ``None`` starts a stream.
+
+        Returns:
+            ``(B, T, L, dim)``, equal to the same frames of a :meth:`forward` on the whole stream
+            so far, and the state for the next chunk.
+        """
+        self.check_streamable()
+        self._check_inputs(x, prior)
+        if state is None:
+            state = self.init_stream(x.shape[0], x.shape[2], x.device, x.dtype)
+        Bsz, L, scan = x.shape[0], x.shape[2], self.directions[0]
+        for name, got, expected in (
+            (
+                "conv_inputs",
+                state.conv_inputs,
+                (Bsz, scan.conv_weight.shape[1] - 1, L, self.d_inner),
+            ),
+            ("scan_state", state.scan_state, (Bsz, L, self.d_inner, scan.d_state)),
+        ):
+            if tuple(got.shape) != expected:
+                raise ValueError(
+                    f"state: expected {name} of shape {expected} (batch and locations of x), "
+                    f"got {tuple(got.shape)}"
+                )
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        y = self.directions[0](xs, z, prior)
-        for direction in self.directions[1:]:
-            y = y + direction(xs, z, prior)
-        return self.out_proj(y / len(self.directions))
+        y, state = self.directions[0].step(xs, z, prior, state)
+        return self.out_proj(y), state

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..layers import PKS4Block
+from ..layers.stream_state import PKS4StreamState, StreamState
 from .backbone import Features, FrameBackbone, create_backbone
 from .temporal_heads import create_temporal
 
-__all__ = ["ClassifierHead", "PKS4VideoClassifier"]
+__all__ = ["ClassifierHead", "ClassifierStreamState", "PKS4VideoClassifier"]
 
 TOKEN_POOLS = ("avg", "prefix")
 
@@ -29,6 +32,23 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.drop(self.norm(x)))
+
+
+@dataclass
+class ClassifierStreamState(StreamState):
+    """State of a streamed :class:`PKS4VideoClassifier`: fixed size, never the frames.
+
+    Attributes:
+        pooled_sum: ``(B, C)``, the sum over the frames seen so far of each frame's pooled
+            features (float32, float64 for float64 features).
+        frames_seen: how many frames have been streamed.
+        temporal: the PKS4 block's state (``None`` for ``temporal="mean"``, and before the first
+            chunk: the grid is known once the backbone has run).
+    """
+
+    pooled_sum: Tensor
+    frames_seen: int = 0
+    temporal: Optional[PKS4StreamState] = None
 
 
 class PKS4VideoClassifier(nn.Module):
@@ -63,8 +83,17 @@ class PKS4VideoClassifier(nn.Module):
         pretrained: with a backbone name, passed to :func:`create_backbone`.
         token_pool: ``"avg"`` or ``"prefix"``, the tokens pooled for ViT backbones.
 
+    Streaming (online inference, constant memory): ``state = model.init_stream(B)``, then
+    ``logits, state = model.step(chunk, state)`` for each chunk ``(B, T_chunk, 3, H, W)`` of any
+    length ``T_chunk >= 1``. The logits are those of the running mean of the pooled features over
+    every frame seen so far: once the stream has seen a whole clip they equal :meth:`forward` on
+    it. Only causal temporal modules stream: ``"mean"`` and ``"pks4"`` built with
+    ``block_kwargs={"bidirectional": False}`` (``"tconv"``'s centred convolution sees the next
+    frame). ``num_frames`` is checked by :meth:`forward` only: a stream has any length.
+
     Shapes:
         ``forward(x)``: ``(B, num_frames, 3, H, W)`` -> logits ``(B, num_classes)``.
+        ``step(x, state)``: ``(B, T, 3, H, W)`` -> running logits ``(B, num_classes)``, state.
     """
 
     def __init__(
@@ -126,13 +155,19 @@ class PKS4VideoClassifier(nn.Module):
             self.backbone.eval()
         return self
 
-    def _check_input(self, x: object) -> Tensor:
+    def _check_input(self, x: object, stream: bool = False) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         c = self.backbone.in_chans
         if x.dim() != 5:
             raise ValueError(f"x: expected 5 dims (B, T, {c}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_frames:
+        if stream:
+            if x.shape[1] < 1:
+                raise ValueError(
+                    f"x: expected at least one frame (T >= 1) in (B, T, {c}, H, W), "
+                    f"got shape {tuple(x.shape)}"
+                )
+        elif x.shape[1] != self.num_frames:
             raise ValueError(
                 f"x: expected num_frames T={self.num_frames} in (B, T, {c}, H, W), "
                 f"got T={x.shape[1]} (shape {tuple(x.shape)})"
@@ -146,7 +181,9 @@ class PKS4VideoClassifier(nn.Module):
 
     def forward_features(self, x: Tensor) -> Features:
         """Backbone features of every frame: ``(B, T, 3, H, W)`` -> :class:`Features`."""
-        x = self._check_input(x)
+        return self._backbone_features(self._check_input(x))
+
+    def _backbone_features(self, x: Tensor) -> Features:
         if self.backbone_frozen:
             # Nothing in the backbone trains: keep no activations for a backward pass.
             with torch.no_grad():
@@ -172,6 +209,92 @@ class PKS4VideoClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.pool(self.forward_temporal(self.forward_features(x))))
+
+    def check_streamable(self) -> None:
+        """Raise unless the temporal module is causal (``"mean"``, or a forward-only PKS4)."""
+        if self.temporal_kind == "tconv":
+            raise ValueError(
+                "temporal: expected 'mean' or 'pks4' with block_kwargs={'bidirectional': False} "
+                "to stream, got 'tconv' (its centred convolution sees the next frame)"
+            )
+        if isinstance(self.temporal, PKS4Block):
+            self.temporal.scan.check_streamable()
+
+    def init_stream(
+        self,
+        batch_size: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> ClassifierStreamState:
+        """The state before the first frame of a stream (:meth:`step` with ``state=None`` makes
+        it from its first chunk).
+
+        Args:
+            batch_size: ``B``, the videos streamed together.
+            device, dtype: those of the features to come (default: the head's parameters').
+
+        Returns:
+            a zero running sum ``(B, C)``, no frame seen; the PKS4 block's state is made by the
+            first chunk, whose backbone features give the grid.
+        """
+        self.check_streamable()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        ref = self.head.fc.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        pooled_sum = torch.zeros(batch_size, self.num_features, device=device, dtype=sum_dtype)
+        return ClassifierStreamState(pooled_sum=pooled_sum)
+
+    def step(
+        self, x: Tensor, state: Optional[ClassifierStreamState] = None
+    ) -> tuple[Tensor, ClassifierStreamState]:
+        """The next chunk of a stream: running logits, in constant memory.
+
+        Args:
+            x: frames ``(B, T, 3, H, W)``, any ``T >= 1`` (``num_frames`` does not apply).
+            state: from :meth:`init_stream` or the previous call; ``None`` starts a stream.
+
+        Returns:
+            the logits ``(B, num_classes)`` of the mean pooled features over every frame seen so
+            far (after a whole clip: :meth:`forward`'s logits on it), and the new state. Run it
+            under ``torch.no_grad()`` (or detach the state) to keep the memory constant.
+        """
+        self.check_streamable()
+        x = self._check_input(x, stream=True)
+        if state is None:
+            state = self.init_stream(x.shape[0], x.device, x.dtype)
+        elif not isinstance(state, ClassifierStreamState):
+            raise TypeError(
+                f"state: expected a ClassifierStreamState or None, got {type(state).__name__}"
+            )
+        if state.pooled_sum.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"state: expected batch size {x.shape[0]} (that of x), "
+                f"got {state.pooled_sum.shape[0]}"
+            )
+        feats = self._backbone_features(x)
+        temporal = state.temporal
+        if isinstance(self.temporal, PKS4Block):
+            out, temporal = self.temporal.step(
+                feats.x, temporal, grid=feats.grid, num_prefix_tokens=feats.num_prefix_tokens
+            )
+            feats = feats.replace(out)
+        pooled = self._pool_frames(feats).sum(dim=1).to(state.pooled_sum.dtype)
+        pooled_sum = state.pooled_sum + pooled
+        frames_seen = state.frames_seen + x.shape[1]
+        mean = (pooled_sum / frames_seen).to(feats.x.dtype)
+        state = ClassifierStreamState(pooled_sum, frames_seen, temporal)
+        return self.forward_head(mean), state
+
+    def _pool_frames(self, feats: Features) -> Tensor:
+        """Mean over space of every frame: :class:`Features` -> ``(B, T, C)``."""
+        if feats.kind == "map":
+            return feats.x.mean(dim=(3, 4))
+        k = feats.num_prefix_tokens
+        tokens = feats.x[:, :, :k] if self.token_pool == "prefix" else feats.x[:, :, k:]
+        return tokens.mean(dim=2)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part: ``{"backbone": [...], "temporal": [...], "head": [...]}``
