@@ -3,7 +3,9 @@
 Causal for the forward scan (frame ``t`` sees frames ``t-W+1 .. t``) and mirrored for the
 reverse scan (frame ``t`` sees ``t .. t+W-1``): the reverse path equals flipping time, applying
 the causal convolution and flipping back. On CUDA it runs through causal-conv1d's
-``causal_conv1d_fn`` when that package is installed, elsewhere through ``F.conv1d``.
+``causal_conv1d_fn`` when that package is installed, elsewhere through ``F.conv1d``. Under
+``torch.use_deterministic_algorithms(True)`` it always takes ``F.conv1d``: causal-conv1d's
+backward sums the weight gradients with atomic adds, whose order varies between runs.
 
 Only the causal direction can be streamed: :func:`temporal_conv_step` carries the last ``W - 1``
 inputs from one chunk to the next, which is exactly the zero padding of a whole-clip call for the
@@ -53,7 +55,8 @@ def temporal_conv(
     seqs = rearrange(x, "b t l d -> (b l) d t")
     weight = weight.to(seqs.dtype)
     bias = None if bias is None else bias.to(seqs.dtype)
-    fast = _causal_conv1d_fn() if x.is_cuda else None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fast = _causal_conv1d_fn() if x.is_cuda and not deterministic else None
     if fast is not None:
         out = fast(seqs.flip(-1), weight, bias).flip(-1) if reverse else fast(seqs, weight, bias)
     elif reverse:

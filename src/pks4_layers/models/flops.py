@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.temporal_scan import DirectionalScan
+from ..export import scan_backend
 from .classifier import PKS4VideoClassifier
 
 __all__ = ["ModelReport", "count_flops", "model_report"]
@@ -73,25 +71,6 @@ def _num_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-@contextlib.contextmanager
-def _scans_on_torch_backend(module: nn.Module) -> Iterator[None]:
-    """Run every selective scan in ``module`` on the pure-PyTorch backend meanwhile.
-
-    The compiled scan kernels are custom operators that FlopCounterMode does not see; the
-    PyTorch backend computes the same scan with ops it counts (the read-out ``C_t . h_t`` is a
-    matrix product), so the count does not depend on the backend a model runs on.
-    """
-    scans = [m for m in module.modules() if isinstance(m, DirectionalScan)]
-    saved = [m.backend for m in scans]
-    try:
-        for m in scans:
-            m.backend = "torch"
-        yield
-    finally:
-        for m, backend in zip(scans, saved):
-            m.backend = backend
-
-
 def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
     """FLOPs of ``fn(*args, **kwargs)`` as counted by FlopCounterMode, and its result."""
     with FlopCounterMode(display=False) as counter:
@@ -133,7 +112,10 @@ def model_report(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _scans_on_torch_backend(model.temporal):
+        # The compiled scan kernels are custom operators that FlopCounterMode does not see; the
+        # PyTorch backend computes the same scan with ops it counts (the read-out C_t . h_t is a
+        # matrix product), so the count does not depend on the backend a model runs on.
+        with torch.no_grad(), scan_backend(model.temporal, "torch"):
             f_backbone, feats = count_flops(model.forward_features, x)
             f_temporal, feats = count_flops(model.forward_temporal, feats)
             pooled = model.pool(feats)
