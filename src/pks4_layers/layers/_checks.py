@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..ops.motion_scan import FLOAT_DTYPES
@@ -28,6 +29,9 @@ def check_tokens(name: str, x: object, dim: int, length: Optional[int] = None) -
         raise ValueError(f"{name}: expected shape (B, T, {L}, {dim}), got {tuple(x.shape)}")
     if x.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one frame (T >= 1), got {tuple(x.shape)}")
+    # The op scans an empty batch, but the layers' reshapes cannot infer a size from 0 elements.
+    if x.shape[0] < 1:
+        raise ValueError(f"{name}: expected a non-empty batch (B >= 1), got {tuple(x.shape)}")
     return x
 
 
@@ -53,3 +57,14 @@ def check_same_device(name: str, x: Tensor, reference_name: str, reference: Tens
         raise ValueError(
             f"{name}: expected device {reference.device} (that of {reference_name}), got {x.device}"
         )
+
+
+def check_same_dtype(name: str, x: Tensor, reference_name: str, reference: Tensor) -> None:
+    """``x`` must have ``reference``'s dtype unless autocast is on for ``x``'s device (autocast
+    casts each op's inputs itself, so a float32 parameter meets bfloat16 activations legally)."""
+    if x.dtype == reference.dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise ValueError(
+        f"{name}: expected dtype {reference.dtype} (that of {reference_name}), got {x.dtype} "
+        "(convert the module with .to(dtype), or run under torch.autocast)"
+    )

@@ -12,7 +12,13 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_float_tensor, check_grid, check_same_device, check_tokens
+from ._checks import (
+    check_float_tensor,
+    check_grid,
+    check_same_device,
+    check_same_dtype,
+    check_tokens,
+)
 from .kinematic_prior import KinematicPriorEncoder
 from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
@@ -237,6 +243,7 @@ class PKS4Block(nn.Module):
         grid = check_grid(grid, x.shape[2] - prefix)
         check_tokens("x", x, self.dim)
         check_same_device("x", x, "the block's parameters", self.norm.weight)
+        check_same_dtype("x", x, "the block's parameters", self.norm.weight)
         h = self.norm(x)
         if stream:
             prior, prior_state = self.prior.step(

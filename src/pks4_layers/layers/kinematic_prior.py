@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ._checks import check_grid, check_tokens
+from ._checks import check_grid, check_same_dtype, check_tokens
 from .stream_state import PriorStreamState
 
 
@@ -105,6 +105,7 @@ class KinematicPriorEncoder(nn.Module):
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         check_tokens("x", x, self.dim)
+        check_same_dtype("x", x, "the module's parameters", self.corr_reduce.weight)
         H, W = check_grid(grid, x.shape[2])
         return self._encode(x, H, W, None)[0]
 
@@ -150,6 +151,7 @@ class KinematicPriorEncoder(nn.Module):
             the whole stream so far, and the new state.
         """
         check_tokens("x", x, self.dim)
+        check_same_dtype("x", x, "the module's parameters", self.corr_reduce.weight)
         H, W = check_grid(grid, x.shape[2])
         if state is None:
             state = self.init_stream(x.shape[0], x.shape[2], x.device, x.dtype)
@@ -221,7 +223,11 @@ class KinematicPriorEncoder(nn.Module):
         # The content at this location sat at (location + offset) in frame t-1, so it moved
         # by -offset: report the motion, in feature-map cells per frame.
         velocity = -match @ self.displacements.to(match.dtype)
-        entropy = -(match * torch.log(match.clamp_min(1e-12))).sum(-1, keepdim=True)
+        # At least float32: the floor that keeps log finite (and its gradient) where a match
+        # weight underflows to 0 would itself round to 0 in float16.
+        match32 = match.float() if match.element_size() < 4 else match
+        entropy = -(match32 * torch.log(match32.clamp_min(1e-12))).sum(-1, keepdim=True)
+        entropy = entropy.to(match.dtype)
         confidence = 1.0 - entropy / math.log(K) if K > 1 else torch.ones_like(entropy)
         later = torch.cat([cost, velocity, confidence], dim=-1).to(first.dtype)
         if state is None:

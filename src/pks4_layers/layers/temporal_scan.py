@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import motion_scan
-from ._checks import check_same_device, check_tokens
+from ._checks import check_same_device, check_same_dtype, check_tokens
 from .stream_state import ScanStreamState, scan_state_dtype
 from .temporal_conv import temporal_conv, temporal_conv_step
 
@@ -198,6 +198,8 @@ class ParallelTemporalScan(nn.Module):
             )
         check_same_device("x", x, "the module's parameters", self.in_proj.weight)
         check_same_device("prior", prior, "x", x)
+        check_same_dtype("x", x, "the module's parameters", self.in_proj.weight)
+        check_same_dtype("prior", prior, "x", x)
 
     def check_streamable(self) -> None:
         """Raise unless the scan is causal (only a forward scan can run on a stream)."""

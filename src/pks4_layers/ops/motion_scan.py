@@ -45,6 +45,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import compiled, mamba_backend
 from .reference import motion_scan_ref
@@ -190,6 +191,8 @@ def _validate(
     z: Optional[Tensor],
     delta_bias: Optional[Tensor],
     initial_state: Optional[Tensor],
+    delta_softplus: bool = True,
+    reverse: bool = False,
 ) -> None:
     if not isinstance(u, Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
@@ -225,6 +228,35 @@ def _validate(
         raise ValueError(f"C: expected dtype {B.dtype} (that of B), got {C.dtype}")
     if B.dtype not in (u.dtype, torch.float32):
         raise ValueError(f"B: expected dtype {u.dtype} (that of u) or torch.float32, got {B.dtype}")
+    for name, flag in (("delta_softplus", delta_softplus), ("reverse", reverse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    _check_decay(A)
+
+
+def _holds_values(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read: not while tracing, not for meta or fake tensors, not
+    inside a functorch transform (vmap), where reading a value is an error."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, FakeTensor):
+        return False
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not (is_wrapped is not None and is_wrapped(t))
+
+
+def _check_decay(A: Tensor) -> None:
+    """``A`` holds decay rates: a positive entry makes the state grow as ``exp(dt * A)`` at every
+    step and overflows long scans, so it is refused here, at the public boundary.
+
+    One reduction over the ``D * N`` entries (and, on a GPU, one synchronisation); skipped where
+    the values cannot be read (see :func:`_holds_values`): under ``torch.compile`` the check runs
+    in eager mode only. NaN entries pass (a poisoned but legal input: the result is NaN).
+    """
+    if A.numel() == 0 or not _holds_values(A):
+        return
+    with torch.no_grad():
+        largest = A.detach().max().item()
+    if largest > 0:
+        raise ValueError(f"A: expected entries <= 0 (decay rates), got max {largest:g}")
 
 
 def motion_scan(
@@ -247,7 +279,9 @@ def motion_scan(
     Args:
         u: input sequence, ``(batch, T, L, D)``.
         delta: step-size logits, ``(batch, T, L, D)``, same dtype as ``u``.
-        A: state decay rates, ``(D, N)``; negative entries decay the state.
+        A: state decay rates, ``(D, N)``, entries ``<= 0``: negative entries decay the state,
+            zero keeps it; a positive entry is a ``ValueError`` (checked outside
+            ``torch.compile`` tracing; NaN entries pass and give NaN).
         B: write projection, ``(batch, T, L, N)``, dtype of ``u`` or float32.
         C: read projection, ``(batch, T, L, N)``, same dtype as ``B``.
         D: skip connection per channel, ``(D,)``.
@@ -264,8 +298,10 @@ def motion_scan(
         ``y`` of shape ``(batch, T, L, D)`` in ``u``'s dtype, and with ``return_last_state`` the
         last state ``(batch, L, D, N)`` in float32 (float64 for float64 inputs). Scanning
         frames ``0..T-1`` at once equals scanning two chunks with the state carried across.
+        An empty batch (or ``L == 0``, ``D == 0``) gives empty outputs, and zero gradients for
+        the parameters, on every backend.
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse)
     name = resolve_backend(backend, u.device, u.dtype, A.shape[1])
     y, last_state = _BACKENDS[name](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state
