@@ -3,13 +3,16 @@
 - ``folder_samples``: UCF101 / HMDB51 style ``root/<class>/<clip>.<ext>``, optionally restricted
   to a split file (UCF101 ``trainlist0X.txt`` / ``testlist0X.txt``) with a ``classInd.txt``.
 - ``ssv2_samples``: Something-Something v2 (``<id>.webm`` + the json split and label files).
-- ``VideoClipDataset``: decodes, samples and transforms one or several views per video.
+- ``VideoClipDataset``: decodes, samples and transforms one or several views per video; files
+  that cannot be decoded are skipped with a warning (``on_error="skip"``, the default) and
+  dropped from batches by ``collate_skipping_bad``, or stop the run (``on_error="raise"``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +21,19 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from .decode import read_frames, video_info
+from .decode import VideoDecodeError, VideoTooShortError, read_frames, video_info
 from .sampling import dense_indices, segment_indices
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ClipTransform
 
 PathLike = Union[str, "os.PathLike[str]"]
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm")
+ON_ERROR_CHOICES: tuple[str, ...] = ("skip", "raise")
+
+
+class BadVideoWarning(UserWarning):
+    """A video that could not be decoded was skipped (``VideoClipDataset(on_error="skip")``)."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,18 @@ class VideoClipDataset(Dataset):
 
     ``mean`` and ``std`` normalise the RGB values in [0, 1]: use the backbone's own (a timm
     model's ``pretrained_cfg["mean"]``/``["std"]``); ImageNet's by default.
+
+    Bad files. Frames are indexed in decoding order, so variable-frame-rate clips sample like
+    constant-rate ones; clips shorter than ``num_frames`` repeat frames; odd frame sizes are
+    resized like any other. A truncated file whose header promises more frames than it holds is
+    sampled again from the frames it has (the same random draws, so the item is still
+    reproducible). A file that yields no frame at all (zero bytes, not a video, cut before its
+    index or first frame) raises :class:`VideoDecodeError` naming it with ``on_error="raise"``;
+    with ``on_error="skip"`` (the default) ``__getitem__`` instead warns once per file and
+    process (:class:`BadVideoWarning`, naming the file and the cause) and returns ``None``,
+    which ``collate_skipping_bad`` drops from the batch and counts (the default collate
+    function cannot batch it). A missing file is a wrong path, not a bad video: it always
+    raises ``FileNotFoundError``.
     """
 
     def __init__(
@@ -280,9 +300,12 @@ class VideoClipDataset(Dataset):
         classes: Optional[Sequence[str]] = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        on_error: str = "skip",
     ) -> None:
         if sampling not in ("segment", "dense"):
             raise ValueError(f"sampling: expected 'segment' or 'dense', got {sampling!r}")
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error: expected one of {ON_ERROR_CHOICES}, got {on_error!r}")
         counts = {
             "num_frames": num_frames,
             "frame_stride": frame_stride,
@@ -313,7 +336,9 @@ class VideoClipDataset(Dataset):
         self.transform = ClipTransform(
             crop_size, short_side, train=train, flip=flip, mean=mean, std=std
         )
+        self.on_error = on_error
         self._num_video_frames: dict[str, int] = {}  # per-process cache: headers are re-read
+        self._warned: set[str] = set()  # files already reported as skipped by this process
 
     @classmethod
     def from_folder(
@@ -360,10 +385,43 @@ class VideoClipDataset(Dataset):
             n, self.num_frames, self.frame_stride, self.train, generator, clip_index, self.num_clips
         )
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> Optional[tuple[Tensor, int]]:
+        """``(clip, label)``, or ``None`` for a file that cannot be decoded when
+        ``on_error="skip"`` (see the class docstring)."""
         sample = self.samples[index]
+        try:
+            n = self._frame_count(sample.path)
+            try:
+                return self._load(sample, index, n)
+            except VideoTooShortError as e:
+                if e.num_frames >= n:  # not a header that over-promised: a real error
+                    raise
+                # The header promised more frames than the file holds (a truncated file): the
+                # clip is sampled again from the frames that are there.
+                self._num_video_frames[sample.path] = e.num_frames
+                return self._load(sample, index, e.num_frames, e.cause)
+        except VideoDecodeError as e:
+            if self.on_error == "raise":
+                raise
+            if sample.path not in self._warned:
+                self._warned.add(sample.path)
+                reason = e.reason or str(e)
+                warnings.warn(
+                    f"skipping unreadable video {sample.path}: {reason}",
+                    BadVideoWarning,
+                    stacklevel=2,
+                )
+            return None
+
+    def _load(
+        self, sample: VideoSample, index: int, n: int, cause: Optional[str] = None
+    ) -> tuple[Tensor, int]:
+        """Item ``index`` of a video with ``n`` frames; ``cause`` explains a short count."""
+        if n < 1:
+            detail = f" ({cause})" if cause else ""
+            raise VideoDecodeError(sample.path, f"no decodable video frame{detail}")
+        # Seeded here, not in __getitem__, so a second attempt makes the same random draws.
         generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
-        n = self._frame_count(sample.path)
         clips = [self._clip_indices(n, c, generator) for c in range(self.num_clips)]
         # One decode pass for all clips of the video.
         frames = read_frames(sample.path, [i for clip in clips for i in clip])
@@ -382,5 +440,22 @@ class VideoClipDataset(Dataset):
         return (
             f"{type(self).__name__}(num_samples={len(self)}, num_frames={self.num_frames}, "
             f"train={self.train}, sampling={self.sampling!r}, views={self.num_clips}x"
-            f"{self.num_crops}, transform={self.transform})"
+            f"{self.num_crops}, on_error={self.on_error!r}, transform={self.transform})"
         )
+
+
+def collate_skipping_bad(
+    batch: Sequence[Optional[tuple[Tensor, int]]],
+) -> tuple[Optional[Tensor], Optional[Tensor], int]:
+    """DataLoader ``collate_fn`` for ``VideoClipDataset``: drops the ``None`` of skipped files.
+
+    Returns ``(clips, labels, num_skipped)``: ``clips`` ``(B', ...)`` and int64 ``labels``
+    ``(B',)`` of the ``B'`` good items, stacked as by the default collate function, or
+    ``(None, None, len(batch))`` when no item of the batch could be decoded.
+    """
+    good = [item for item in batch if item is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    clips, labels = default_collate(good)
+    return clips, labels, skipped

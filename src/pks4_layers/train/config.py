@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 DATASETS = ("benchmark", "folder", "ssv2")
 TEMPORAL_MODULES = ("pks4", "mean", "tconv")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+BAD_VIDEO_MODES = ("skip", "raise")
 
 
 @dataclass
@@ -50,6 +51,13 @@ class TrainConfig:
     eval_clips: int = field(default=1, metadata={"help": "clips per video at evaluation"})
     eval_crops: int = field(default=1, metadata={"help": "crops per clip at evaluation (1/3)"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    on_bad_video: str = field(
+        default="skip",
+        metadata={
+            "help": "a video that cannot be decoded: skip (warn, count in the epoch's metrics) "
+            "or raise (stop)"
+        },
+    )
 
     # Model
     backbone: str = field(
@@ -91,6 +99,7 @@ class TrainConfig:
             "amp": AMP_MODES,
             "sampling": ("segment", "dense"),
             "benchmark_task": ("temporal", "spatial"),
+            "on_bad_video": BAD_VIDEO_MODES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

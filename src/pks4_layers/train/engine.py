@@ -6,6 +6,10 @@ when the config asks), keeps ``metrics.json``, ``curves.png`` and checkpoints in
 ``output_dir``, and resumes from a checkpoint. The same function runs as one process and as
 one rank of a ``torchrun`` job: data are sharded by :class:`ShardedSampler`, gradients averaged
 by DistributedDataParallel, metrics summed across ranks, and only rank 0 writes.
+
+Videos that cannot be decoded are skipped with a warning and counted per epoch
+(``train_skipped``, ``val_skipped`` in the records), or stop the run with
+``on_bad_video="raise"``; see :func:`train_one_epoch` for what a step with no good clip does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
@@ -104,6 +108,7 @@ def build_datasets(
         seed=cfg.seed,
         mean=mean,
         std=std,
+        on_error=cfg.on_bad_video,
     )
     label_map = None
     if cfg.flip and cfg.dataset == "ssv2":
@@ -131,6 +136,9 @@ def backbone_normalisation(model: nn.Module) -> tuple[tuple, tuple]:
 
 
 def _loader(ds: Dataset, sampler: ShardedSampler, cfg: TrainConfig, env: DistEnv) -> DataLoader:
+    from ..data import collate_skipping_bad
+
+    # Batches are (clips, labels, num_skipped): the items of undecodable videos are dropped.
     return DataLoader(
         ds,
         batch_size=cfg.batch_size,
@@ -138,7 +146,18 @@ def _loader(ds: Dataset, sampler: ShardedSampler, cfg: TrainConfig, env: DistEnv
         num_workers=cfg.workers,
         pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.workers > 0,
+        collate_fn=collate_skipping_bad,
     )
+
+
+def _unpack(batch: Any) -> tuple[Optional[Tensor], Optional[Tensor], int]:
+    """``(clips, labels, num_skipped)`` of a ``collate_skipping_bad`` batch; a plain
+    ``(clips, labels)`` batch (any other loader) has nothing skipped."""
+    if len(batch) == 3:
+        clips, labels, skipped = batch
+        return clips, labels, int(skipped)
+    clips, labels = batch
+    return clips, labels, 0
 
 
 # ---------------------------------------------------------------------------------- model
@@ -180,6 +199,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------ one epoch
+def _zero_loss(
+    model: nn.Module, cfg: TrainConfig, env: DistEnv, amp_dtype: Optional[torch.dtype]
+) -> Tensor:
+    """A loss of exactly zero with a real step's autograd graph, for a DDP rank whose batch
+    held no decodable clip.
+
+    DistributedDataParallel needs every rank to run forward (it broadcasts the buffers there)
+    and backward (the gradient all-reduce) the same number of times, or the other ranks wait
+    forever. A loss made from the parameters alone (``sum(p.sum() * 0)``) is not enough: the
+    all-reduce hooks only fire after a forward through the DDP wrapper. So this rank runs one
+    clip of zeros ``(1, T, 3, S, S)`` through the model, in eval mode so that batch-norm
+    statistics do not learn from it, and multiplies the logits by 0: it contributes zero
+    gradients, and the step's gradient is the other ranks' sum over the world size.
+    """
+    dummy = torch.zeros(1, cfg.num_frames, 3, cfg.crop_size, cfg.crop_size, device=env.device)
+    model.eval()
+    try:
+        with _autocast(env.device, amp_dtype):
+            logits = model(dummy)
+    finally:
+        model.train()
+    return logits.float().sum() * 0.0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -191,25 +234,43 @@ def train_one_epoch(
     amp_dtype: Optional[torch.dtype],
     epoch: int,
 ) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss, top-1 and the number of skipped videos,
+    summed across ranks.
+
+    Items of undecodable videos are dropped from their batch (``collate_skipping_bad``), so a
+    step averages the loss over the clips that remain. A step whose batch lost every clip:
+    in one process, the update and its schedule step are skipped (the schedule then ends that
+    many steps short of its floor); under DDP the rank takes part in the step with a zero loss
+    (:func:`_zero_loss`), since the other ranks' gradient all-reduce waits for it (when every
+    rank's batch is empty, that step moves the weights by AdamW's momentum and decay only).
+    """
     model.train()
     steps = len(loader)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, count, skipped
     desc = f"epoch {epoch + 1}/{cfg.epochs} train"
     with Progress(steps, desc, enabled=cfg.progress and env.is_main) as bar:
-        for step, (clips, labels) in enumerate(loader):
+        for step, batch in enumerate(loader):
             if step >= steps:
                 break
-            clips = clips.to(env.device, non_blocking=True)
-            labels = labels.to(env.device, non_blocking=True)
-            with _autocast(env.device, amp_dtype):
-                logits = model(clips)
-            loss = F.cross_entropy(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}"
-                )
+            clips, labels, skipped = _unpack(batch)
+            totals[3] += skipped
+            if clips is not None:
+                clips = clips.to(env.device, non_blocking=True)
+                labels = labels.to(env.device, non_blocking=True)
+                with _autocast(env.device, amp_dtype):
+                    logits = model(clips)
+                loss = F.cross_entropy(logits.float(), labels)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+                    )
+            elif env.distributed:
+                loss = _zero_loss(model, cfg, env, amp_dtype)
+            else:
+                bar.update(lr=optimizer.param_groups[0]["lr"])
+                continue
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -225,14 +286,19 @@ def train_one_epoch(
             else:
                 optimizer.step()
             scheduler.step()
+            if clips is None:
+                bar.update(lr=optimizer.param_groups[0]["lr"])
+                continue
             n = labels.shape[0]
-            totals += torch.tensor(
-                [loss.item() * n, topk_correct(logits.detach(), labels, (1,))[0], n],
-                dtype=torch.float64,
-            )
+            correct = topk_correct(logits.detach(), labels, (1,))[0]
+            totals[:3] += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
             bar.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-    loss_sum, correct, count = all_reduce_sum(totals, env).tolist()
-    return {"train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1)}
+    loss_sum, correct, count, skipped = all_reduce_sum(totals, env).tolist()
+    return {
+        "train_loss": loss_sum / max(count, 1),
+        "train_top1": 100.0 * correct / max(count, 1),
+        "train_skipped": int(skipped),
+    }
 
 
 @torch.no_grad()
@@ -245,11 +311,18 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, float]:
     """Top-1/top-5 and loss over the loader, summed across ranks. Multi-view clips
-    ``(B, V, T, 3, S, S)`` are scored by the mean of the views' softmax."""
+    ``(B, V, T, 3, S, S)`` are scored by the mean of the views' softmax. Undecodable videos
+    are left out of the metrics and counted (``val_skipped``); evaluation runs no collective
+    per step, so ranks may take different numbers of forward passes."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
+    totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top1, top5, count, skipped
     with Progress(len(loader), desc, enabled=cfg.progress and env.is_main) as bar:
-        for clips, labels in loader:
+        for batch in loader:
+            clips, labels, skipped = _unpack(batch)
+            totals[4] += skipped
+            if clips is None:
+                bar.update()
+                continue
             clips = clips.to(env.device, non_blocking=True)
             labels = labels.to(env.device, non_blocking=True)
             views = 1
@@ -262,14 +335,16 @@ def evaluate(
             probs = probs.view(labels.shape[0], views, -1).mean(dim=1)
             loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
             top1, top5 = topk_correct(probs, labels, (1, 5))
-            totals += torch.tensor([loss.item(), top1, top5, labels.shape[0]], dtype=torch.float64)
+            n = labels.shape[0]
+            totals[:4] += torch.tensor([loss.item(), top1, top5, n], dtype=torch.float64)
             bar.update()
-    loss_sum, top1, top5, count = all_reduce_sum(totals, env).tolist()
+    loss_sum, top1, top5, count, skipped = all_reduce_sum(totals, env).tolist()
     count = max(count, 1)
     return {
         "val_loss": loss_sum / count,
         "val_top1": 100.0 * top1 / count,
         "val_top5": 100.0 * top5 / count,
+        "val_skipped": int(skipped),
     }
 
 
@@ -455,5 +530,12 @@ def _log_epoch(record: dict[str, Any], epochs: int) -> None:
     if record.get("val_top1") is not None:
         parts.append(f"val loss {record['val_loss']:.4f}")
         parts.append(f"val top-1 {record['val_top1']:.1f}% top-5 {record['val_top5']:.1f}%")
+    skipped = [
+        f"{record[key]} {split}"
+        for key, split in (("train_skipped", "train"), ("val_skipped", "val"))
+        if record.get(key)
+    ]
+    if skipped:
+        parts.append(f"skipped bad videos: {', '.join(skipped)}")
     parts.append(f"{record['train_time_s']:.1f}s")
     print(" | ".join(parts), flush=True)
