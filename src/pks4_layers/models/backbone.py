@@ -249,6 +249,13 @@ def create_backbone(
             f"got {type(name_or_model).__name__}"
         )
     name = name_or_model
+    if name.startswith(("hf-hub:", "hf_hub:", "http://", "https://")):
+        # timm fetches a hub model's config (and weights) over the network even without
+        # pretrained=True; this library never touches the network.
+        raise ValueError(
+            f"name_or_model: expected a local timm architecture name, got {name!r} (a hub "
+            "reference needs the network: create the model with timm yourself and pass it)"
+        )
     if name.startswith("tv_"):
         arch = name[3:]
         if arch not in TORCHVISION_RESNETS:

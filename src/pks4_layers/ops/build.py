@@ -14,6 +14,14 @@ into a per-user cache (``$PKS4_CACHE_DIR``, else ``$XDG_CACHE_HOME/pks4_layers``
 flags, and the torch, CUDA and Python versions, so an upgraded torch never loads a stale
 binary. A failed build is reported once, with its reason, and the caller falls back to the
 ``torch`` backend.
+
+The cache holds native code that is loaded into the process, so whoever can write there can run
+code as the user. Both levels the library uses, the cache root and the per-key build folder,
+are created owner-only (mode 0o700) and checked before every build or load: one that is a
+symbolic link, is not a directory, is owned by another user or is writable by group/others is
+refused with a :class:`PermissionError` naming the path, what was found and what is expected,
+and the extension then counts as unavailable (one warning, ``torch`` backend), never loaded
+from there.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -132,6 +141,77 @@ def cuda_arch_flags() -> list[str]:
     return flags
 
 
+def _check_private_dir(path: Path) -> None:
+    """Refuse ``path`` as a place to build or load native code unless only this user controls it.
+
+    Raises ``PermissionError`` when ``path`` is a symbolic link, is not a directory, is owned by
+    another user, or is writable by group/others. ``os.lstat`` (not ``stat``) so that a link
+    planted in place of the folder is seen as a link rather than followed.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise PermissionError(
+            f"extension cache {str(path)!r}: expected an existing directory, got nothing there"
+        ) from None
+    prefix = f"refusing the extension cache {str(path)!r}"
+    hint = "use a private directory (mode 0o700, your own) or set PKS4_CACHE_DIR to one"
+    if stat.S_ISLNK(st.st_mode):
+        raise PermissionError(
+            f"{prefix}: it is a symbolic link (to {os.readlink(path)!r}); expected a real "
+            f"directory; {hint}"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{prefix}: it is not a directory; expected a directory; {hint}")
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owner and mode bits to check
+        return
+    uid = os.getuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != uid:
+        raise PermissionError(
+            f"{prefix}: it is owned by uid {st.st_uid} (mode {mode:#o}); expected a directory "
+            f"owned by uid {uid}, the user running this process; {hint}"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{prefix}: it is writable by group/others (mode {mode:#o}, owner uid {st.st_uid}); "
+            f"expected no group/other write permission, e.g. mode 0o700; {hint}"
+        )
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` owner-only if it is missing, then check it (see ``_check_private_dir``)."""
+    # The parents are not the library's (e.g. ~/.cache): created with the default mode if
+    # missing, and not checked.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)  # the umask can only narrow this
+    except FileExistsError:
+        pass  # checked below like any existing folder, whoever made it
+    _check_private_dir(path)
+    return path
+
+
+def _check_private_file(path: Path) -> None:
+    """The built library must be this user's regular file. A link is refused because it would
+    load a binary from outside the checked folder. Its mode is not checked: the linker applies
+    the umask (0o775 under a umask of 0o002), and nobody else can reach a file inside a
+    private folder anyway."""
+    st = os.lstat(path)
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+        if stat.S_ISLNK(st.st_mode):
+            found = "a symbolic link"
+        elif stat.S_ISREG(st.st_mode):
+            found = "a regular file"
+        else:
+            found = "not a regular file"
+        raise PermissionError(
+            f"refusing the built extension {str(path)!r}: it is {found} owned by uid "
+            f"{st.st_uid}; expected a regular file owned by uid {uid}; delete it to rebuild"
+        )
+
+
 def _source_hash(names: tuple[str, ...], extra: list[str]) -> str:
     src = csrc_dir()
     h = hashlib.sha256()
@@ -181,10 +261,14 @@ def _jit_build(kind: str) -> Path:
     else:
         sources, flags = CUDA_SOURCES, CPU_CFLAGS + NVCC_FLAGS + cuda_arch_flags()
     name = f"pks4_{kind}_{_source_hash(sources, flags)}"
-    build_dir = cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Both levels are checked: a private build folder inside a root that others can write to
+    # could be swapped for theirs.
+    root = _private_dir(cache_root())
+    build_dir = _private_dir(root / name)
     library = build_dir / f"{name}.so"
-    if not library.exists():
+    if os.path.lexists(library):
+        _check_private_file(library)
+    else:
         print(
             f"pks4-layers: compiling the {kind.upper()} kernels into {build_dir} "
             "(once per torch version; about a minute)...",

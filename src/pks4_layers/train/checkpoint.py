@@ -34,9 +34,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        # Keep torch's one-line reason ("Unsupported global: ..."), not its advice to retry
+        # with weights_only=False: for a file of unknown origin that would run its code.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next(
+            (line for line in lines if "Unsupported global" in line), lines[0] if lines else ""
+        )
         raise ValueError(
             f"{path}: not a loadable pks4-layers checkpoint (it is read with "
-            f"weights_only=True, which refuses pickled objects): {err}"
+            f"weights_only=True, which refuses pickled objects): {reason}"
         ) from err
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: expected a pks4-layers checkpoint dict with a 'model' entry")
