@@ -80,7 +80,16 @@ class TrainConfig:
         default="auto", metadata={"help": "auto (bf16 on CUDA where supported), bf16, fp16, off"}
     )
     seed: int = field(default=0, metadata={"help": "seed of model init, sampling, shuffling"})
-    max_steps_per_epoch: int = field(default=0, metadata={"help": "cap steps (0: no cap)"})
+    global_batch: int = field(
+        default=0,
+        metadata={
+            "help": "clips per optimizer step over all processes, reached by gradient "
+            "accumulation (0: batch_size x world size, no accumulation)"
+        },
+    )
+    max_steps_per_epoch: int = field(
+        default=0, metadata={"help": "cap optimizer steps (0: no cap)"}
+    )
 
     # Run
     output_dir: str = field(default="runs/pks4", metadata={"help": "metrics, curves, checkpoints"})
@@ -111,10 +120,29 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
-        for name in ("warmup_epochs", "grad_clip", "weight_decay", "drop_rate", "workers"):
+        nonnegative = ("warmup_epochs", "grad_clip", "weight_decay", "drop_rate", "workers")
+        for name in nonnegative + ("global_batch", "max_steps_per_epoch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         return self
+
+    def accum_steps(self, world_size: int) -> int:
+        """Micro-batches each process accumulates per optimizer step, so that one step takes
+        ``global_batch`` clips whatever the number of processes (1 when ``global_batch`` is 0).
+        """
+        per_pass = self.batch_size * world_size
+        if self.global_batch == 0:
+            return 1
+        if self.global_batch % per_pass:
+            raise ValueError(
+                f"global_batch: expected a multiple of batch_size x world size = "
+                f"{self.batch_size} x {world_size} = {per_pass}, got {self.global_batch}"
+            )
+        return self.global_batch // per_pass
+
+    def effective_global_batch(self, world_size: int) -> int:
+        """Clips per optimizer step over all processes."""
+        return self.batch_size * world_size * self.accum_steps(world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of keys below (flags override it)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --resume and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the parameters, FLOPs and step memory of the config and exit: builds the "
+        "model only, reads no video, writes nothing",
+    )
+    # Not config keys: they stand in for a dataset that is not on this machine.
+    parser.add_argument(
+        "--dry-run-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--dry-run: number of classes (default: from the dataset's class list)",
+    )
+    parser.add_argument(
+        "--dry-run-clips",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--dry-run: training clips per epoch to assume (default: counted from the "
+        "dataset's split, without decoding)",
+    )
     types = _field_types()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -1,8 +1,11 @@
 """Process-group set-up and the few collectives training needs.
 
 The same code runs as one process (no environment set) and under ``torchrun`` (which sets
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL on CUDA,
-gloo on CPU. Only rank 0 writes files and prints progress.
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), on one node or on
+several (``--nnodes N`` with a rendezvous endpoint): NCCL on CUDA, gloo on CPU. ``RANK`` is the
+process's place in the whole job and ``LOCAL_RANK`` its place on its node, so the GPU is picked
+by ``LOCAL_RANK`` and everything else by ``RANK``. Only global rank 0 writes the run's files
+and prints progress.
 """
 
 from __future__ import annotations
@@ -81,12 +84,15 @@ def barrier(env: DistEnv) -> None:
 class ShardedSampler(Sampler[int]):
     """One permutation per epoch, cut into contiguous global batches, dealt out to the ranks.
 
-    Rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the epoch's order, so the items of
-    one step on all ranks are exactly the items of the same step in a single-process run with
-    a ``W`` times larger batch: a DDP run and that run see the same global batches, and their
-    averaged gradients agree. Training drops the incomplete tail so every rank takes the same
-    number of steps; evaluation keeps every item once (ranks may get one item more or less,
-    and metrics are summed, not averaged, across ranks).
+    A global batch is what one optimizer step takes: ``batch_size * world_size * accum_steps``
+    items. Rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of the epoch's order, and its
+    loader cuts that stream into micro-batches of ``batch_size`` in order, so the ``accum_steps``
+    micro-batches of one step on all ranks hold exactly the items of the same step in a
+    single-process run with one batch of the global size: runs with any world size and
+    accumulation see the same global batches, and their averaged gradients agree. Training
+    drops the incomplete tail so every rank takes the same number of steps; evaluation keeps
+    every item once (ranks may get one item more or less, and metrics are summed, not
+    averaged, across ranks).
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class ShardedSampler(Sampler[int]):
         world_size: int = 1,
         drop_last: bool = False,
         batch_size: int = 1,
+        accum_steps: int = 1,
     ) -> None:
         self.num_items = num_items
         self.shuffle = shuffle
@@ -106,6 +113,7 @@ class ShardedSampler(Sampler[int]):
         self.world_size = world_size
         self.drop_last = drop_last
         self.batch_size = batch_size
+        self.accum_steps = accum_steps
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -118,7 +126,7 @@ class ShardedSampler(Sampler[int]):
         else:
             order = list(range(self.num_items))
         if self.drop_last:
-            global_batch = self.batch_size * self.world_size
+            global_batch = self.batch_size * self.world_size * self.accum_steps
             order = order[: (len(order) // global_batch) * global_batch]
         return order
 

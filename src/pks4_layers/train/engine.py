@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,8 +55,10 @@ def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]
     from ..data import folder_samples, make_benchmark, ssv2_samples
 
     if cfg.dataset == "benchmark":
-        # Rank 0 writes the generated videos; the others wait, then find them (the call is
-        # idempotent and returns at once when the manifest matches).
+        # Global rank 0 writes the generated videos; the others wait, then find them (the call
+        # is idempotent and returns at once when the manifest matches). On nodes that do not
+        # share data_root with rank 0, the node's first process writes its own copy, so no
+        # two processes of a node write at once.
         def generate() -> Path:
             return Path(
                 make_benchmark(
@@ -69,6 +72,9 @@ def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]
             )
 
         if env.is_main:
+            generate()
+        barrier(env)
+        if env.local_rank == 0 and not env.is_main:
             generate()
         barrier(env)
         root = generate()
@@ -233,50 +239,79 @@ def train_one_epoch(
     env: DistEnv,
     amp_dtype: Optional[torch.dtype],
     epoch: int,
+    accum_steps: int = 1,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean loss, top-1 and the number of skipped videos,
     summed across ranks.
 
+    One optimizer step accumulates the gradients of ``accum_steps`` consecutive micro-batches,
+    each loss divided by ``accum_steps``, so the step's gradient is the mean over its global
+    batch as if it had been one batch. Under DDP the gradient all-reduce runs only on the last
+    micro-batch (``no_sync()`` on the others). The schedule steps once per optimizer step.
+
     Items of undecodable videos are dropped from their batch (``collate_skipping_bad``), so a
-    step averages the loss over the clips that remain. A step whose batch lost every clip:
-    in one process, the update and its schedule step are skipped (the schedule then ends that
-    many steps short of its floor); under DDP the rank takes part in the step with a zero loss
-    (:func:`_zero_loss`), since the other ranks' gradient all-reduce waits for it (when every
-    rank's batch is empty, that step moves the weights by AdamW's momentum and decay only).
+    micro-batch averages the loss over the clips that remain. A micro-batch that lost every
+    clip: in one process it adds nothing, and a step whose micro-batches all lost every clip is
+    skipped with its schedule step (the schedule then ends that many steps short of its
+    floor); under DDP the rank takes part with a zero loss (:func:`_zero_loss`), since the
+    other ranks' gradient all-reduce waits for it (when every rank's batches are empty, that
+    step moves the weights by AdamW's momentum and decay only).
     """
     model.train()
-    steps = len(loader)
+    steps = len(loader) // accum_steps
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, count, skipped
     desc = f"epoch {epoch + 1}/{cfg.epochs} train"
+    batches = iter(loader)
     with Progress(steps, desc, enabled=cfg.progress and env.is_main) as bar:
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
-            clips, labels, skipped = _unpack(batch)
-            totals[3] += skipped
-            if clips is not None:
-                clips = clips.to(env.device, non_blocking=True)
-                labels = labels.to(env.device, non_blocking=True)
-                with _autocast(env.device, amp_dtype):
-                    logits = model(clips)
-                loss = F.cross_entropy(logits.float(), labels)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}"
-                    )
-            elif env.distributed:
-                loss = _zero_loss(model, cfg, env, amp_dtype)
-            else:
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            backward_passes = 0
+            step_loss, step_count = 0.0, 0
+            for micro in range(accum_steps):
+                clips, labels, skipped = _unpack(next(batches))
+                totals[3] += skipped
+                if clips is not None:
+                    clips = clips.to(env.device, non_blocking=True)
+                    labels = labels.to(env.device, non_blocking=True)
+                elif not env.distributed:
+                    continue
+                # Every DDP rank must run the same forward/backward passes, and all of them
+                # must sync on the same (last) one, or the others wait forever.
+                last = micro == accum_steps - 1
+                sync = contextlib.nullcontext()
+                if env.distributed and not last:
+                    sync = model.no_sync()
+                with sync:
+                    if clips is not None:
+                        with _autocast(env.device, amp_dtype):
+                            logits = model(clips)
+                        loss = F.cross_entropy(logits.float(), labels)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"training loss is {loss.item()} at epoch {epoch + 1}, "
+                                f"step {step + 1}, micro-batch {micro + 1}"
+                            )
+                    else:
+                        loss = _zero_loss(model, cfg, env, amp_dtype)
+                    scaled = loss / accum_steps
+                    if scaler is not None:
+                        scaled = scaler.scale(scaled)
+                    scaled.backward()
+                backward_passes += 1
+                if clips is not None:
+                    n = labels.shape[0]
+                    correct = topk_correct(logits.detach(), labels, (1,))[0]
+                    batch_totals = [loss.item() * n, correct, n]
+                    totals[:3] += torch.tensor(batch_totals, dtype=torch.float64)
+                    step_loss += loss.item() * n
+                    step_count += n
+            if backward_passes == 0:  # one process, every clip of the step undecodable
                 bar.update(lr=optimizer.param_groups[0]["lr"])
                 continue
-            optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-            else:
-                loss.backward()
             if cfg.grad_clip > 0:
                 params = [p for p in model.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -286,13 +321,10 @@ def train_one_epoch(
             else:
                 optimizer.step()
             scheduler.step()
-            if clips is None:
+            if step_count:
+                bar.update(loss=step_loss / step_count, lr=optimizer.param_groups[0]["lr"])
+            else:
                 bar.update(lr=optimizer.param_groups[0]["lr"])
-                continue
-            n = labels.shape[0]
-            correct = topk_correct(logits.detach(), labels, (1,))[0]
-            totals[:3] += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
-            bar.update(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
     loss_sum, correct, count, skipped = all_reduce_sum(totals, env).tolist()
     return {
         "train_loss": loss_sum / max(count, 1),
@@ -370,6 +402,9 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
+    # A global batch that the processes cannot split evenly fails here, before any data work.
+    accum_steps = cfg.accum_steps(env.world_size)
+    global_batch = cfg.effective_global_batch(env.world_size)
     train_samples, val_samples, classes = build_samples(cfg, env)
     model = build_model(cfg, len(classes)).to(env.device)
     normalisation = backbone_normalisation(model)
@@ -387,18 +422,20 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         world_size=env.world_size,
         drop_last=True,
         batch_size=cfg.batch_size,
+        accum_steps=accum_steps,
     )
     if len(train_sampler) == 0:
         raise ValueError(
-            f"batch_size: expected at most {len(train_ds) // env.world_size} clips per process "
-            f"for {len(train_ds)} training clips on {env.world_size} process(es), "
-            f"got {cfg.batch_size}"
+            f"batch_size: expected a global batch of at most {len(train_ds)} training clips, "
+            f"got batch_size {cfg.batch_size} x world size {env.world_size} x "
+            f"{accum_steps} accumulation step(s) = {global_batch}"
         )
     val_sampler = ShardedSampler(len(val_ds), False, rank=env.rank, world_size=env.world_size)
     train_loader = _loader(train_ds, train_sampler, cfg, env)
     val_loader = _loader(val_ds, val_sampler, cfg, env)
 
-    steps_per_epoch = len(train_loader)
+    # Optimizer steps, not micro-batches: the schedule moves once per global batch.
+    steps_per_epoch = len(train_loader) // accum_steps
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     # Weight decay on matrices only, as usual: not on norms, biases, or the scan's A, D, dt.
@@ -428,11 +465,13 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
     if resume == "auto":
         last = out_dir / "checkpoint_last.pt"
         resume = str(last) if last.is_file() else ""
+        _check_same_resume(bool(resume), env)
     if resume:
         state = load_checkpoint(resume)
         check_model_state(model, state["model"], resume)
         model.load_state_dict(state["model"])
         if not eval_only:
+            _warn_if_global_batch_changed(state, global_batch, resume, env)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = int(state["epoch"])
@@ -451,7 +490,8 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         "params_total": params_total,
         "params_trainable": params_trainable,
         "world_size": env.world_size,
-        "global_batch": cfg.batch_size * env.world_size,
+        "global_batch": global_batch,
+        "accum_steps": accum_steps,
         "normalisation": {"mean": list(normalisation[0]), "std": list(normalisation[1])},
         "config": cfg.to_dict(),
     }
@@ -471,10 +511,23 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         record.update(
             train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, cfg, env, amp_dtype, epoch
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                scaler,
+                cfg,
+                env,
+                amp_dtype,
+                epoch,
+                accum_steps,
             )
         )
         record["train_time_s"] = time.perf_counter() - t0
+        # The optimizer steps taken so far: a resumed run continues the count and the schedule.
+        record["step"] = int(scheduler.last_epoch)
+        record["world_size"] = env.world_size
+        record["global_batch"] = global_batch
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             record.update(evaluate(model, val_loader, cfg, env, amp_dtype, "         eval"))
         history.append(record)
@@ -488,6 +541,9 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1,
+                "step": int(scheduler.last_epoch),
+                "world_size": env.world_size,
+                "global_batch": global_batch,
                 "config": cfg.to_dict(),
                 "history": history,
                 "classes": list(classes),
@@ -504,6 +560,37 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
     summary["train_time_s"] = sum(h["train_time_s"] for h in history)
     summary["wall_time_s"] = time.perf_counter() - run_start
     return RunResult(base, history, summary)
+
+
+def _check_same_resume(found: bool, env: DistEnv) -> None:
+    """``resume="auto"`` must pick the same thing on every rank: a rank that starts over while
+    the others resume would train a different model (and, under DDP, fall out of step)."""
+    if not env.distributed:
+        return
+    count = int(all_reduce_sum(torch.tensor([float(found)]), env).item())
+    if count not in (0, env.world_size):
+        raise ValueError(
+            f"resume: expected 'auto' to find output_dir's checkpoint on all {env.world_size} "
+            f"processes or on none, got {count}; a run over several nodes needs output_dir "
+            "on a file system they share"
+        )
+
+
+def _warn_if_global_batch_changed(
+    state: dict[str, Any], global_batch: int, source: str, env: DistEnv
+) -> None:
+    """A resume may change the world size (the accumulation makes up for it), but a different
+    global batch changes the steps per epoch and the gradient noise under the saved schedule
+    and optimizer state: allowed, since it may be intended, but said."""
+    saved = state.get("global_batch")  # absent from checkpoints written before it was recorded
+    if saved is None or int(saved) == global_batch or not env.is_main:
+        return
+    warnings.warn(
+        f"{source}: resuming with global_batch {global_batch}, but the checkpoint was trained "
+        f"with {saved} (world size {state.get('world_size')}); set global_batch to {saved} "
+        "to continue the same run",
+        stacklevel=2,
+    )
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
