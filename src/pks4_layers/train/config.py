@@ -37,6 +37,10 @@ class TrainConfig:
     benchmark_val: int = field(default=48, metadata={"help": "generated validation clips"})
     train_split: str = field(default="", metadata={"help": "folder: training split file"})
     val_split: str = field(default="", metadata={"help": "folder: validation split file"})
+    val_root: str = field(
+        default="",
+        metadata={"help": "folder: validation videos when they are a separate tree (K400 val/)"},
+    )
     classes_file: str = field(default="", metadata={"help": "folder: classInd.txt-style file"})
     video_dir: str = field(default="", metadata={"help": "ssv2: folder of <id>.webm videos"})
     train_json: str = field(default="", metadata={"help": "ssv2: train split json"})
@@ -64,6 +68,12 @@ class TrainConfig:
         default="efficientnet_lite0", metadata={"help": "timm model name, or tv_resnet18/50"}
     )
     pretrained: bool = field(default=False, metadata={"help": "load the backbone's weights"})
+    pretrained_path: str = field(
+        default="",
+        metadata={
+            "help": "local weights file of the timm backbone (loaded offline; implies pretrained)"
+        },
+    )
     temporal: str = field(default="pks4", metadata={"help": f"one of {TEMPORAL_MODULES}"})
     freeze_backbone: bool = field(default=True, metadata={"help": "train temporal + head only"})
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})

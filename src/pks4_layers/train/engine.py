@@ -84,7 +84,13 @@ def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]
     elif cfg.dataset == "folder":
         classes_file = cfg.classes_file or None
         train, classes = folder_samples(cfg.data_root, cfg.train_split or None, classes_file)
-        val, _ = folder_samples(cfg.data_root, cfg.val_split or None, classes_file)
+        val_root = cfg.val_root or cfg.data_root
+        val, val_classes = folder_samples(val_root, cfg.val_split or None, classes_file)
+        if list(val_classes) != list(classes):
+            raise ValueError(
+                f"val_root: expected the class folders of data_root ({len(classes)} classes), "
+                f"got {len(val_classes)} different ones in {val_root!r} (pass classes_file)"
+            )
     else:  # ssv2
         video_dir = cfg.video_dir or cfg.data_root
         train, classes = ssv2_samples(video_dir, cfg.train_json, cfg.labels_json)
@@ -177,7 +183,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         temporal=cfg.temporal,
         freeze_backbone=cfg.freeze_backbone,
         drop_rate=cfg.drop_rate,
-        pretrained=cfg.pretrained,
+        pretrained=cfg.pretrained_path or cfg.pretrained,
     )
 
 
