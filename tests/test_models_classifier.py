@@ -315,3 +315,28 @@ def test_custom_backbone_and_block_kwargs():
         copy.deepcopy(backbone), CLASSES, T, temporal="tconv", block_kwargs={"kernel_size": 5}
     )
     assert tconv.temporal.dwconv.kernel_size == (5,)
+
+
+def test_tune_last_blocks_trains_only_those_blocks_and_the_final_norm():
+    """Partial tuning: gradients reach the last block(s) and the final norm of a ViT, not the
+    blocks before them; the trainable count is temporal + head + those layers."""
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, depth=3
+    )
+    model = PKS4VideoClassifier(vit, num_classes=3, num_frames=2, freeze_backbone=True)
+    frozen_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.tune_last_blocks(1)
+    blocks = model.backbone.model.blocks
+    tuned = sum(p.numel() for p in blocks[-1].parameters())
+    tuned += sum(p.numel() for p in model.backbone.model.norm.parameters())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == (
+        frozen_trainable + tuned
+    )
+    with torch.no_grad():  # open the block's zero-initialised output path
+        model.temporal.scan.out_proj.weight.normal_(0, 0.1)
+    model(torch.randn(2, 2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[-1].parameters())
+    assert all(p.grad is None for p in blocks[0].parameters())
+    with pytest.raises(ValueError, match=r"^count: expected an int in \[1, 3\], got 4"):
+        model.tune_last_blocks(4)

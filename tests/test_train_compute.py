@@ -167,3 +167,26 @@ def test_cli_dry_run_without_a_dataset_exits_2_with_advice(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--dry-run-classes" in proc.stderr
+
+
+def test_partial_tuning_moves_backbone_flops_to_the_trained_side():
+    """tune_last_blocks makes part of the backbone train: the schedule costs more and a step
+    keeps more activations than with the backbone frozen."""
+    pytest.importorskip("timm")
+    from pks4_layers.train.compute import compute_budget
+
+    base = dict(
+        dataset="benchmark",
+        backbone="efficientnet_lite0",
+        num_frames=4,
+        crop_size=64,
+        short_side=64,
+        batch_size=2,
+        epochs=1,
+    )
+    frozen = compute_budget(TrainConfig(**base), num_classes=4, train_clips=8)
+    tuned = compute_budget(TrainConfig(**base, tune_last_blocks=2), num_classes=4, train_clips=8)
+    assert tuned.params_trainable > frozen.params_trainable
+    assert tuned.gflops_frozen_forward < frozen.gflops_frozen_forward
+    assert tuned.schedule_flops > frozen.schedule_flops
+    assert tuned.activation_bytes > frozen.activation_bytes

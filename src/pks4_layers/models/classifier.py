@@ -148,6 +148,37 @@ class PKS4VideoClassifier(nn.Module):
             p.requires_grad_(not frozen)
         self.train(self.training)
 
+    def tune_last_blocks(self, count: int) -> None:
+        """Partial tuning: freeze the backbone except its last ``count`` blocks (timm's
+        ``model.blocks``: transformer blocks of a ViT, stages of an EfficientNet) and the layers
+        after them (final norm / head convolution).
+
+        Gradients then run through the tuned blocks, so the backbone no longer runs under
+        ``no_grad`` and keeps their activations: the memory and compute of a backward through
+        ``count`` blocks. The backbone follows ``train()``/``eval()`` like any module (ViTs
+        have no BatchNorm statistics to protect).
+        """
+        blocks = getattr(self.backbone.model, "blocks", None)
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+            raise ValueError(
+                f"count: expected a backbone with a timm-style 'blocks' sequence to tune, "
+                f"got {type(self.backbone.model).__name__} without one"
+            )
+        if not isinstance(count, int) or not 1 <= count <= len(blocks):
+            raise ValueError(f"count: expected an int in [1, {len(blocks)}], got {count!r}")
+        self.set_backbone_frozen(False)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        tuned = list(blocks)[-count:]
+        tuned += [
+            getattr(self.backbone.model, name)
+            for name in ("norm", "fc_norm", "conv_head", "bn2")
+            if isinstance(getattr(self.backbone.model, name, None), nn.Module)
+        ]
+        for module in tuned:
+            for p in module.parameters():
+                p.requires_grad_(True)
+
     def train(self, mode: bool = True) -> PKS4VideoClassifier:
         super().train(mode)
         if self.backbone_frozen:

@@ -305,6 +305,11 @@ def compute_budget(
     report = model_report(model, clip_shape)
 
     frozen_gflops = report.gflops_backbone if cfg.freeze_backbone else 0.0
+    if cfg.tune_last_blocks:
+        # Partial tuning: the last blocks train. A ViT's blocks cost the same each, so the
+        # frozen share is that of the other blocks (patch embedding and final norm are small).
+        num_blocks = len(model.backbone.model.blocks)
+        frozen_gflops *= (num_blocks - cfg.tune_last_blocks) / num_blocks
     trained_gflops = report.gflops_total - frozen_gflops
     per_clip = frozen_gflops + 3.0 * trained_gflops
 

@@ -76,6 +76,9 @@ class TrainConfig:
     )
     temporal: str = field(default="pks4", metadata={"help": f"one of {TEMPORAL_MODULES}"})
     freeze_backbone: bool = field(default=True, metadata={"help": "train temporal + head only"})
+    tune_last_blocks: int = field(
+        default=0, metadata={"help": "also tune the backbone's last N blocks (0: none)"}
+    )
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
 
     # Optimisation
@@ -131,9 +134,14 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         nonnegative = ("warmup_epochs", "grad_clip", "weight_decay", "drop_rate", "workers")
-        for name in nonnegative + ("global_batch", "max_steps_per_epoch"):
+        for name in nonnegative + ("global_batch", "max_steps_per_epoch", "tune_last_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.tune_last_blocks and not self.freeze_backbone:
+            raise ValueError(
+                "tune_last_blocks: expected 0 with freeze_backbone false (the whole backbone "
+                f"trains already), got {self.tune_last_blocks}"
+            )
         return self
 
     def accum_steps(self, world_size: int) -> int:

@@ -176,7 +176,7 @@ def _unpack(batch: Any) -> tuple[Optional[Tensor], Optional[Tensor], int]:
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from ..models import PKS4VideoClassifier
 
-    return PKS4VideoClassifier(
+    model = PKS4VideoClassifier(
         cfg.backbone,
         num_classes=num_classes,
         num_frames=cfg.num_frames,
@@ -185,6 +185,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         drop_rate=cfg.drop_rate,
         pretrained=cfg.pretrained_path or cfg.pretrained,
     )
+    if cfg.tune_last_blocks:
+        model.tune_last_blocks(cfg.tune_last_blocks)
+    return model
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
