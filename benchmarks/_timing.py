@@ -12,12 +12,15 @@
   above what was in use before the call.
 * :func:`format_table` and the ``format_*`` helpers for a plain-text report,
   :func:`write_json` and :func:`save_bar_chart` to save the results.
+* ``arg_*`` argument types shared by the scripts' command lines, :func:`progress` and
+  :func:`short_reason` for their progress lines and error cells.
 
 The benchmarks import this file as ``_timing`` (they run as scripts from this folder).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -297,6 +300,42 @@ def format_rate(per_s: Optional[float]) -> str:
         if per_s >= scale:
             return f"{per_s / scale:.2f}{suffix}"
     return f"{per_s:.0f}"
+
+
+def arg_size(text: str) -> tuple[int, int]:
+    """``"HxW"`` -> ``(H, W)``, both positive."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 14x14, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return h, w
+
+
+def arg_positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def arg_non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, so stdout keeps only the report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def short_reason(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for a table cell."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def format_ratio(ratio: Optional[float]) -> str:

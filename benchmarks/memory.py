@@ -95,13 +95,17 @@ from torch import Tensor, nn
 from _timing import (
     Column,
     Table,
+    arg_positive,
+    arg_size,
     cuda_peak_growth_bytes,
     environment_info,
     format_bytes,
     format_ratio,
+    progress,
     rss_growth_bytes,
     run_json_subprocess,
     saved_tensor_bytes,
+    short_reason,
     write_json,
 )
 from pks4_layers import PKS4Block
@@ -223,23 +227,6 @@ class AdaptedBackbone(nn.Module):
 # configuration
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 14x14, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return h, w
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -274,9 +261,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Memory a training step keeps for its backward, and its peak: one PKS4Block "
         "against divided space-time attention and adapters in every backbone layer.",
     )
-    p.add_argument("--dim", type=_positive, default=384, help="width C (default 384)")
-    p.add_argument("--size", type=_size, default=(14, 14), help="feature map HxW (default 14x14)")
-    p.add_argument("--batch", type=_positive, default=1, help="clips per batch (default 1)")
+    p.add_argument("--dim", type=arg_positive, default=384, help="width C (default 384)")
+    p.add_argument(
+        "--size", type=arg_size, default=(14, 14), help="feature map HxW (default 14x14)"
+    )
+    p.add_argument("--batch", type=arg_positive, default=1, help="clips per batch (default 1)")
     p.add_argument(
         "--frames-list",
         type=_int_list,
@@ -284,20 +273,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="T values (default 8,16,32,64)",
     )
     p.add_argument(
-        "--layers", type=_positive, default=12, help="backbone layers with adapters (default 12)"
+        "--layers", type=arg_positive, default=12, help="backbone layers with adapters (default 12)"
     )
     p.add_argument("--methods", type=_methods, default=list(METHODS), help="default: all three")
-    p.add_argument("--state", type=_positive, default=16, help="PKS4 state size N (default 16)")
+    p.add_argument("--state", type=arg_positive, default=16, help="PKS4 state size N (default 16)")
     p.add_argument(
         "--backend", default="auto", help="PKS4 scan backend (default auto: the compiled kernel)"
     )
-    p.add_argument("--heads", type=_positive, default=None, help="attention heads (dim // 64)")
+    p.add_argument("--heads", type=arg_positive, default=None, help="attention heads (dim // 64)")
     p.add_argument("--mlp-ratio", type=_positive_float, default=4.0, help="MLP width (default 4)")
     p.add_argument(
         "--adapter-ratio", type=_positive_float, default=0.25, help="adapter width (default 0.25)"
     )
     p.add_argument(
-        "--adapter-kernel", type=_positive, default=3, help="adapter temporal kernel (default 3)"
+        "--adapter-kernel", type=arg_positive, default=3, help="adapter temporal kernel (default 3)"
     )
     p.add_argument(
         "--sdpa",
@@ -541,27 +530,18 @@ class Row:
         }
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def run(args: argparse.Namespace) -> list[Row]:
     h, w = args.size
     jobs = [(t, m) for t in args.frames_list for m in args.methods]
     rows = []
     for k, (frames, method) in enumerate(jobs, 1):
         row = Row(method, frames, args.batch * frames * h * w)
-        _progress(f"[{k}/{len(jobs)}] {method} T={frames} ...")
+        progress(f"[{k}/{len(jobs)}] {method} T={frames} ...")
         start = time.perf_counter()
         try:
             result = measure(args, method, frames)
         except Exception as exc:  # shown as the row's note: one failure must not end the run
-            row.error = _reason(exc)
+            row.error = short_reason(exc)
         else:
             row.saved_bytes = result["saved_bytes"]
             row.saved_tensors = result["saved_tensors"]
@@ -570,10 +550,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             row.peak_method = result["peak_method"]
         row.seconds = time.perf_counter() - start
         if row.error:
-            _progress(f"[{k}/{len(jobs)}] {method} T={frames} failed: {row.error}")
+            progress(f"[{k}/{len(jobs)}] {method} T={frames} failed: {row.error}")
         else:
             peak = "" if row.peak_bytes is None else f", peak {format_bytes(row.peak_bytes)}"
-            _progress(
+            progress(
                 f"[{k}/{len(jobs)}] {method} T={frames}: saved "
                 f"{format_bytes(row.saved_bytes)}{peak} ({row.seconds:.1f} s)"
             )

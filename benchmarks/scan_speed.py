@@ -67,6 +67,9 @@ from _timing import (
     SavedBytes,
     Table,
     Timing,
+    arg_non_negative,
+    arg_positive,
+    arg_size,
     cuda_peak_growth_bytes,
     environment_info,
     format_bytes,
@@ -74,10 +77,12 @@ from _timing import (
     format_ms,
     format_rate,
     format_ratio,
+    progress,
     rss_growth_bytes,
     run_json_subprocess,
     save_bar_chart,
     saved_tensor_bytes,
+    short_reason,
     time_ms,
     write_json,
 )
@@ -99,40 +104,18 @@ DTYPES = {
 # configuration
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 14x14, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
-    return h, w
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Time every motion_scan backend and a PKS4Block: forward, forward+backward, "
         "memory saved for the backward and peak memory.",
     )
-    p.add_argument("--batch", type=_positive, default=2, help="clips per batch (default 2)")
-    p.add_argument("--frames", type=_positive, default=16, help="frames T (default 16)")
-    p.add_argument("--size", type=_size, default=(14, 14), help="feature map HxW (default 14x14)")
-    p.add_argument("--dim", type=_positive, default=384, help="channels D (default 384)")
-    p.add_argument("--state", type=_positive, default=16, help="state size N (default 16)")
+    p.add_argument("--batch", type=arg_positive, default=2, help="clips per batch (default 2)")
+    p.add_argument("--frames", type=arg_positive, default=16, help="frames T (default 16)")
+    p.add_argument(
+        "--size", type=arg_size, default=(14, 14), help="feature map HxW (default 14x14)"
+    )
+    p.add_argument("--dim", type=arg_positive, default=384, help="channels D (default 384)")
+    p.add_argument("--state", type=arg_positive, default=16, help="state size N (default 16)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument(
@@ -140,8 +123,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help=f"comma-separated backends (default: all available, now {available_backends()})",
     )
-    p.add_argument("--repeats", type=_positive, default=5, help="timed calls (default 5)")
-    p.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls (default 2)")
+    p.add_argument("--repeats", type=arg_positive, default=5, help="timed calls (default 5)")
+    p.add_argument("--warmup", type=arg_non_negative, default=2, help="untimed calls (default 2)")
     p.add_argument("--json", type=Path, default=None, help="write all rows and the config here")
     p.add_argument("--plot", type=Path, default=None, help="save a PNG bar chart here")
     p.add_argument("--no-block", action="store_true", help="skip the PKS4Block rows")
@@ -376,15 +359,6 @@ def _grad_diff(a: Sequence[Optional[Tensor]], b: Sequence[Optional[Tensor]]) -> 
     return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
 
 
-def _reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 @dataclass
 class Oracle:
     """The ``ref`` backend's output and gradients, to compare every backend against."""
@@ -401,7 +375,7 @@ def compute_oracle(make: Callable[[str], Workload]) -> tuple[Optional[Oracle], O
         y, grads = work.fwd_bwd()
         return Oracle(y.detach(), tuple(g.detach() if g is not None else None for g in grads)), None
     except Exception as exc:  # a reference that cannot run leaves the diffs empty
-        return None, _reason(exc)
+        return None, short_reason(exc)
 
 
 def measure(
@@ -435,7 +409,7 @@ def measure(
             stage = "peak memory"
             row.peak_bytes, row.peak_method = peak()
     except Exception as exc:  # shown as the row's note: one failing backend must not end the run
-        row.error = f"{stage}: {_reason(exc)}" if stage != "forward" else _reason(exc)
+        row.error = f"{stage}: {short_reason(exc)}" if stage != "forward" else short_reason(exc)
 
 
 def _timed_no_grad(
@@ -504,20 +478,20 @@ def run_rows(
     h, w = args.size
     tokens = args.batch * args.frames * h * w
     traffic = scan_traffic_bytes(args) if kind == SCAN else None
-    _progress(f"{kind}: computing the ref output and gradients to compare against")
+    progress(f"{kind}: computing the ref output and gradients to compare against")
     oracle, why = compute_oracle(make)
     if oracle is None:
-        _progress(f"{kind}: no comparison against ref ({why})")
+        progress(f"{kind}: no comparison against ref ({why})")
     rows = []
     for backend in args.backend_list:
         step[0] += 1
         row = Row(kind, backend, tokens, fwd_traffic_bytes=traffic)
-        _progress(f"[{step[0]}/{total}] {row.label} ...")
+        progress(f"[{step[0]}/{total}] {row.label} ...")
         start = time.perf_counter()
         try:
             work = make(backend)
         except Exception as exc:  # e.g. a backend whose module cannot be built here
-            row.error = _reason(exc)
+            row.error = short_reason(exc)
         else:
             measure(
                 row, work, oracle, args, device, _peak_measure(args, kind, backend, work, device)
@@ -525,9 +499,9 @@ def run_rows(
             del work
         took = time.perf_counter() - start
         if row.error:
-            _progress(f"[{step[0]}/{total}] {row.label} failed ({took:.1f} s): {row.error}")
+            progress(f"[{step[0]}/{total}] {row.label} failed ({took:.1f} s): {row.error}")
         else:
-            _progress(
+            progress(
                 f"[{step[0]}/{total}] {row.label}: fwd {format_ms(row.fwd and row.fwd.median_ms)}"
                 f" ms, fwd+bwd {format_ms(row.fwd_bwd and row.fwd_bwd.median_ms)} ms"
                 f" ({took:.1f} s)"
@@ -580,7 +554,7 @@ def _auto_backend(device: torch.device, dtype: torch.dtype) -> str:
 
         return resolve_backend("auto", device, dtype)
     except Exception as exc:  # only used for the header
-        return f"? ({_reason(exc)})"
+        return f"? ({short_reason(exc)})"
 
 
 def header_lines(args: argparse.Namespace, env: dict[str, Any], device: torch.device) -> list[str]:
@@ -736,7 +710,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = environment_info(device)
     busy = env.get("cpu_busy_before_run")
     if busy is not None and busy >= 0.2:
-        _progress(
+        progress(
             f"note: the CPUs were {busy:.0%} busy with other work before the run; it makes "
             "the CPU timings slower and noisier"
         )
@@ -750,7 +724,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args, BLOCK, lambda b: block_workload(args, b, device, weights), device, step, total
         )
 
-    _progress("measuring a large tensor copy for the bandwidth reference")
+    progress("measuring a large tensor copy for the bandwidth reference")
     copy_gbps = copy_bandwidth_gbps(args, device)
     env["copy_gbps"] = copy_gbps
     traffic = scan_traffic_bytes(args)
