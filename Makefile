@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint bench results clean
+.PHONY: setup test lint bench results gpu-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,16 @@ bench: $(STAMP)
 # (frozen pretrained efficientnet_lite0; a few minutes on 2 CPU cores).
 results: $(STAMP)
 	$(PY) benchmarks/result_table.py
+
+# The device check on a machine with a GPU (benchmarks/gpu_check.py): the CUDA tests,
+# compute-sanitizer, the speed and memory benchmarks, in about 8 minutes. It runs with the
+# python that already holds torch there (no venv, nothing from the network) and installs only
+# this package. MAMBA_SDIST=path/to/mamba_ssm-*.tar.gz adds mamba-ssm's scan to the speed table.
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) \
+		$(if $(MAMBA_SDIST),--mamba-sdist $(MAMBA_SDIST))
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -128,12 +128,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write all rows and the config here")
     p.add_argument("--plot", type=Path, default=None, help="save a PNG bar chart here")
     p.add_argument("--no-block", action="store_true", help="skip the PKS4Block rows")
+    p.add_argument("--no-scan", action="store_true", help="only the PKS4Block rows")
     p.add_argument("--no-peak", action="store_true", help="skip the peak memory measurement")
     p.add_argument("--seed", type=int, default=0)
     # Internal: measure the CPU peak of one forward+backward of "KIND:BACKEND" in this fresh
     # process and print it as JSON (see the module docstring).
     p.add_argument("--_peak-child", dest="peak_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.no_block and args.no_scan:
+        p.error("--no-block and --no-scan: expected at most one of them, got both")
     if args.backends is None:
         args.backend_list = available_backends()
     else:
@@ -664,6 +667,7 @@ def save_outputs(
             "repeats": args.repeats,
             "warmup": args.warmup,
             "block": not args.no_block,
+            "scan": not args.no_scan,
             "peak": not args.no_peak,
             "seed": args.seed,
             "tokens": args.batch * args.frames * h * w,
@@ -714,31 +718,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"note: the CPUs were {busy:.0%} busy with other work before the run; it makes "
             "the CPU timings slower and noisier"
         )
-    total = len(args.backend_list) * (1 if args.no_block else 2)
+    total = len(args.backend_list) * (1 if args.no_block or args.no_scan else 2)
     step = [0]
 
-    rows = run_rows(args, SCAN, lambda b: scan_workload(args, b, device), device, step, total)
+    rows = []
+    if not args.no_scan:
+        rows += run_rows(args, SCAN, lambda b: scan_workload(args, b, device), device, step, total)
     if not args.no_block:
         weights = make_block(args, "ref", device).state_dict()
         rows += run_rows(
             args, BLOCK, lambda b: block_workload(args, b, device, weights), device, step, total
         )
 
-    progress("measuring a large tensor copy for the bandwidth reference")
-    copy_gbps = copy_bandwidth_gbps(args, device)
-    env["copy_gbps"] = copy_gbps
     traffic = scan_traffic_bytes(args)
+    if not args.no_scan:
+        progress("measuring a large tensor copy for the bandwidth reference")
+        copy_gbps = copy_bandwidth_gbps(args, device)
+        env["copy_gbps"] = copy_gbps
+        env["fwd_traffic_bytes"] = traffic
+        env["fwd_floor_ms"] = traffic / (copy_gbps * 1e9) * 1e3
     header = header_lines(args, env, device)
     print("\n".join(header))
     print()
     print(render_table(rows))
     print()
-    print(
-        f"bandwidth: a forward must move {traffic / 2**20:.1f} MiB; a large tensor copy runs at "
-        f"{copy_gbps:.1f} GB/s here, so the memory floor of the forward is "
-        f"{traffic / (copy_gbps * 1e9) * 1e3:.2f} ms (column 'fwd GB/s': achieved)"
-    )
-    print()
+    if not args.no_scan:
+        print(
+            f"bandwidth: a forward must move {traffic / 2**20:.1f} MiB; a large tensor copy runs "
+            f"at {copy_gbps:.1f} GB/s here, so the memory floor of the forward is "
+            f"{env['fwd_floor_ms']:.2f} ms (column 'fwd GB/s': achieved)"
+        )
+        print()
     save_outputs(args, rows, env, device, header)
     return 0
 

@@ -87,6 +87,25 @@ def test_scan_speed_reports_failing_backend(tmp_path: Path) -> None:
     assert "motion_scan[nonexistent]" in stdout
 
 
+def test_scan_speed_block_rows_only(tmp_path: Path) -> None:
+    stdout, result, _ = _run(tmp_path, "--no-peak", "--no-scan", "--backends=ref,torch")
+    assert [r["label"] for r in result["rows"]] == ["PKS4Block[ref]", "PKS4Block[torch]"]
+    assert result["config"]["scan"] is False
+    assert "bandwidth:" not in stdout and "copy_gbps" not in result["environment"]
+
+
+def test_scan_speed_refuses_no_block_with_no_scan() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--no-block", "--no-scan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--no-block and --no-scan: expected at most one of them, got both" in proc.stderr
+
+
 @pytest.mark.slow
 def test_result_table_script_trains_every_model_and_saves_table(tmp_path):
     """benchmarks/result_table.py on a tiny setting (random frozen backbone, 1 epoch): one

@@ -37,6 +37,7 @@ def test_ahead_of_time_cpu_extension_is_the_one_loaded():
     assert status.loaded and status.origin.startswith("prebuilt"), status
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not AHEAD_OF_TIME, reason="the extensions were not built ahead of time")
 @pytest.mark.skipif(
     torch.version.cuda is None or build.find_cuda_home() is None,

@@ -492,6 +492,7 @@ def test_cpu_backend_rejects_meta_tensors() -> None:
         motion_scan(**inputs, backend="cpu")
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cpu_backend_rejects_cuda_tensors() -> None:
     inputs = _all_to(make_inputs((1, 2, 1, 2, 2), torch.float32), "cuda")
@@ -499,6 +500,7 @@ def test_cpu_backend_rejects_cuda_tensors() -> None:
         motion_scan(**inputs, backend="cpu")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "mamba"])
 def test_cuda_backends_reject_cpu_tensors(backend: str) -> None:
     inputs = make_inputs((1, 2, 1, 2, 2), torch.float32)
@@ -506,6 +508,7 @@ def test_cuda_backends_reject_cpu_tensors(backend: str) -> None:
         motion_scan(**inputs, backend=backend)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "mamba"])
 def test_cuda_backends_reject_float64(backend: str) -> None:
     # resolve_backend decides from the device and dtype alone: no GPU needed for the check.
@@ -524,6 +527,7 @@ def test_auto_sends_float64_on_cuda_to_the_torch_backend(monkeypatch) -> None:
         assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(mamba_backend.status()[0], reason="mamba-ssm's CUDA build is installed")
 def test_mamba_backend_unavailable_says_why() -> None:
     with pytest.raises(RuntimeError, match=r"backend 'mamba' is unavailable: .*mamba-ssm"):

@@ -20,6 +20,7 @@ other arguments, non-tensor optionals, half-precision mixes, flags that are not 
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import pytest
@@ -219,6 +220,7 @@ def test_backend_must_be_a_known_name(backend: object) -> None:
         motion_scan(**inputs, backend=backend)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", [n for n in INPUT_NAMES if n != "u"])
 def test_argument_on_cpu_with_u_on_cuda(name: str) -> None:
@@ -560,3 +562,65 @@ def test_block_nan_stays_in_its_spatial_neighbourhood() -> None:
     assert torch.isfinite(out[0, :, :, 6:, :]).all() and torch.isfinite(out[0, :, :, :, 6:]).all()
     out[0, :, :, 6:, 6:].sum().backward()
     assert torch.isfinite(x.grad[0, :, :, 6:, 6:]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# the cost of the A check
+
+
+def _count_decay_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    # The module, not the function of the same name that pks4_layers.ops exports.
+    op_module = importlib.import_module("pks4_layers.ops.motion_scan")
+    calls: list[int] = []
+    real = op_module._check_decay
+
+    def counting(A: Tensor) -> None:
+        calls.append(A.numel())
+        real(A)
+
+    monkeypatch.setattr(op_module, "_check_decay", counting)
+    return calls
+
+
+def test_layers_skip_the_decay_check_a_direct_call_keeps_it(monkeypatch) -> None:
+    """The check reads A back from the device (a synchronisation on a GPU): the layers, whose A
+    is -exp(A_log), skip it; a direct call runs it unless told not to, and a positive A is
+    still refused."""
+    calls = _count_decay_checks(monkeypatch)
+    block = PKS4Block(8, d_state=4)
+    block(torch.randn(1, 3, 8, 2, 2)).sum().backward()
+    scan = ParallelTemporalScan(8, prior_dim=3, d_state=4)
+    scan(torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 3))
+    assert calls == []
+
+    inputs = make_inputs(SHAPE, torch.float32)
+    motion_scan(**inputs)
+    assert len(calls) == 1
+    motion_scan(**inputs, check_decay=False)
+    assert len(calls) == 1
+    bad = {**inputs, "A": inputs["A"].abs()}
+    with pytest.raises(ValueError, match=r"^A: expected entries <= 0"):
+        motion_scan(**bad)
+    with pytest.raises(TypeError, match=r"^check_decay: expected a bool, got int"):
+        motion_scan(**inputs, check_decay=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scan_without_the_decay_check_never_synchronises() -> None:
+    """With the check skipped, a CUDA call of the op, forward and backward, queues its work
+    without waiting for the device (torch's sync debug mode turns a synchronisation into an
+    error); with the check, the one synchronisation is the A read-back."""
+    device_for("cuda")
+    inputs = {k: v.cuda().requires_grad_() for k, v in make_inputs(SHAPE, torch.float32).items()}
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = motion_scan(**inputs, backend="cuda", check_decay=False)
+        y.sum().backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            motion_scan(**inputs, backend="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()

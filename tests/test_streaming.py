@@ -54,7 +54,7 @@ def _stream(block: PKS4Block, x: torch.Tensor, chunks: list[int], state=None, **
         ("torch", torch.float64),
         ("cpu", torch.float32),
         ("cpu", torch.float64),
-        ("cuda", torch.float32),  # the CUDA kernel takes no float64
+        pytest.param("cuda", torch.float32, marks=pytest.mark.cuda),  # no float64 kernel
     ],
     ids=["torch-f32", "torch-f64", "cpu-f32", "cpu-f64", "cuda-f32"],
 )

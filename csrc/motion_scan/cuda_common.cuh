@@ -39,6 +39,14 @@ constexpr int kMaxSegment = 8;    // backward_segment() never returns more
 constexpr int kMaxStateLimit = 64;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Every kernel launch goes through this macro, so that the host emulation of the CUDA execution
+// model used by the tests (tests/cuda_emulation) can compile and run these same sources with a
+// host compiler, which cannot parse the triple-chevron syntax.
+#ifndef PKS4_LAUNCH_KERNEL
+#define PKS4_LAUNCH_KERNEL(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Element conversions (explicit intrinsics: torch builds with the implicit half conversions
 // disabled). Round to nearest even, as c10::Half / c10::BFloat16 do on the CPU.

@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Ktraits>
 void launch_bwd(const MotionScanParams& p, cudaStream_t stream) {
   const dim3 grid = scan_grid(p, "motion_scan_bwd");
-  motion_scan_bwd_kernel<Ktraits><<<grid, kThreads, 0, stream>>>(p);
+  PKS4_LAUNCH_KERNEL(motion_scan_bwd_kernel<Ktraits>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename Ktraits>
 void launch_fwd(const MotionScanParams& p, cudaStream_t stream) {
   const dim3 grid = scan_grid(p, "motion_scan_fwd");
-  motion_scan_fwd_kernel<Ktraits><<<grid, kThreads, 0, stream>>>(p);
+  PKS4_LAUNCH_KERNEL(motion_scan_fwd_kernel<Ktraits>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace

@@ -193,6 +193,7 @@ def _validate(
     initial_state: Optional[Tensor],
     delta_softplus: bool = True,
     reverse: bool = False,
+    check_decay: bool = True,
 ) -> None:
     if not isinstance(u, Tensor):
         raise TypeError(f"u: expected a torch.Tensor, got {type(u).__name__}")
@@ -231,7 +232,8 @@ def _validate(
     for name, flag in (("delta_softplus", delta_softplus), ("reverse", reverse)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-    _check_decay(A)
+    if check_decay:
+        _check_decay(A)
 
 
 def _holds_values(t: Tensor) -> bool:
@@ -273,6 +275,7 @@ def motion_scan(
     initial_state: Optional[Tensor] = None,
     return_last_state: bool = False,
     backend: str = "auto",
+    check_decay: bool = True,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Motion-gated selective scan along time, independently per location and channel.
 
@@ -293,6 +296,9 @@ def motion_scan(
         return_last_state: also return the state after the last scanned frame.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"torch"``, ``"ref"`` or ``"mamba"``
             (see the module docstring).
+        check_decay: refuse an ``A`` with a positive entry. The check reads a value back from
+            the device (one synchronisation per call on a GPU); pass ``False`` where ``A`` is
+            non-positive by construction, as ``-exp(A_log)`` in the layers, to skip it.
 
     Returns:
         ``y`` of shape ``(batch, T, L, D)`` in ``u``'s dtype, and with ``return_last_state`` the
@@ -301,7 +307,11 @@ def motion_scan(
         An empty batch (or ``L == 0``, ``D == 0``) gives empty outputs, and zero gradients for
         the parameters, on every backend.
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse)
+    if not isinstance(check_decay, bool):
+        raise TypeError(f"check_decay: expected a bool, got {type(check_decay).__name__}")
+    _validate(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, check_decay
+    )
     name = resolve_backend(backend, u.device, u.dtype, A.shape[1])
     y, last_state = _BACKENDS[name](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state
