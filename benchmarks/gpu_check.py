@@ -116,10 +116,11 @@ KERNEL_FILTER = "--kernel-name=kns=motion_scan"
 LOG_CAP = 400_000  # characters of one command's output kept in the log (head and tail)
 
 # mamba-ssm's own nvcc flags for the selective scan (its setup.py), without the verbose ptxas
-# report; the architecture is the present GPU's alone.
+# report, and without its -std=c++17: the C++ standard is the one torch's headers require (C++20
+# for recent torch), which torch.utils.cpp_extension passes; the architecture is the present
+# GPU's alone.
 MAMBA_NVCC_FLAGS = [
     "-O3",
-    "-std=c++17",
     "-U__CUDA_NO_HALF_OPERATORS__",
     "-U__CUDA_NO_HALF_CONVERSIONS__",
     "-U__CUDA_NO_BFLOAT16_OPERATORS__",
@@ -282,6 +283,33 @@ def speed_summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def find_compute_sanitizer() -> Optional[str]:
+    """``compute-sanitizer`` on the PATH, else beside the ``nvcc`` in use, else in a CUDA
+    toolkit folder under /usr/local."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    folders = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        folders.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    folders += ["/usr/local/cuda", *sorted(str(p) for p in Path("/usr/local").glob("cuda-*"))]
+    for folder in filter(None, folders):
+        candidate = Path(folder) / "bin" / "compute-sanitizer"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def report_text(output: str, first_line: str, max_lines: int = 80) -> str:
+    """The report a benchmark printed, from its header line on (its progress lines, which
+    come before, left out); the last lines of the output when there is no such header."""
+    lines = output.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(first_line)), None)
+    kept = lines[start:] if start is not None else lines[-max_lines:]
+    return "\n".join(kept[:max_lines])
+
+
 # ---------------------------------------------------------------------------------------------
 # the sanitizer's workload (also runnable on the CPU, where the tests exercise it)
 
@@ -372,7 +400,7 @@ def build_mamba(source: Path, build_dir: Path, capability: tuple[int, int], jobs
     cpp_extension.load(
         name="selective_scan_cuda",
         sources=[str(csrc / name) for name in MAMBA_SOURCES],
-        extra_cflags=["-O3", "-std=c++17"],
+        extra_cflags=["-O3"],
         extra_cuda_cflags=[*MAMBA_NVCC_FLAGS, gencode_flag(capability)],
         extra_include_paths=[str(csrc), *cuda_extra_include_dirs()],
         build_directory=str(build_dir),
@@ -424,6 +452,7 @@ class Check:
                 "PKS4_CACHE_DIR": str(self.scratch / "kernel_cache"),
             }
         )
+        self.device = "cuda"  # of the benchmark parts
         self.parts: list[PartResult] = []
         self.card: dict[str, Any] = {}
         self.speed: dict[str, Any] = {}
@@ -476,13 +505,14 @@ class Check:
         self.write_log(f"# {status} after {took:.1f} s")
         return CommandResult(returncode, output, took)
 
-    def part(self, name: str) -> PartResult:
+    def part(self, name: str) -> tuple[PartResult, float]:
+        """Open part ``name``: its result (limit: its own, cut at the budget) and start time."""
         limit = min(LIMITS[name], self.remaining())
         result = PartResult(name, limit_s=round(limit, 1))
         self.parts.append(result)
         progress(f"part {name} (limit {limit:.0f} s)")
         self.write_log(f"\n===== {name} (limit {limit:.0f} s) =====")
-        return result
+        return result, time.monotonic()
 
     def finish(self, result: PartResult, started: float) -> None:
         result.seconds = round(time.monotonic() - started, 1)
@@ -545,13 +575,16 @@ class Check:
         return max(1, os.cpu_count() or 1)
 
     def do_install(self) -> bool:
-        result, started = self.part("install"), time.monotonic()
+        result, started = self.part("install")
         env = {**self.env, **build_env(self.capability(), self.jobs())}
         self.env["TORCH_CUDA_ARCH_LIST"] = env["TORCH_CUDA_ARCH_LIST"]
         self.env["MAX_JOBS"] = env["MAX_JOBS"]
         res = self.run(install_command(self.python), result.limit_s, env)
         result.details["pip_seconds"] = round(res.seconds, 1)
-        if res.returncode != 0:
+        if res.returncode == 0:
+            # The suite's ahead-of-time build tests apply (and must find our build loaded).
+            self.env["PKS4_BUILD_EXT"] = "1"
+        else:
             # The check still runs, on the just-in-time build from this checkout: say so.
             why = "cut at its limit" if res.timed_out else f"pip exited {res.returncode}"
             result.details["pip"] = f"editable install failed ({why}); using src/ and the JIT build"
@@ -573,7 +606,10 @@ class Check:
             loaded = bool(info["loaded"])
         except (ValueError, IndexError, KeyError):
             result.details["cuda_extension"] = res.output.strip()[-500:]
-        if loaded and "pip" not in result.details:
+        origin = info.get("origin", "") if loaded else ""
+        if loaded and "pip" not in result.details and not origin.startswith("prebuilt"):
+            result.verdict = f"failed: the ahead-of-time build is not the one loaded ({origin})"
+        elif loaded and "pip" not in result.details:
             result.verdict = "passed"
         elif loaded:
             result.verdict = f"failed: {result.details['pip']}"
@@ -715,11 +751,7 @@ class Check:
 
     def do_sanitizer(self) -> None:
         result, started = self.part("sanitizer")
-        tool = shutil.which("compute-sanitizer")
-        if tool is None:
-            home = self.env.get("CUDA_HOME") or "/usr/local/cuda"
-            candidate = Path(home) / "bin" / "compute-sanitizer"
-            tool = str(candidate) if candidate.exists() else None
+        tool = find_compute_sanitizer()
         if tool is None:
             result.verdict = "skipped: compute-sanitizer not found"
             self.finish(result, started)
@@ -764,17 +796,15 @@ class Check:
         cmd = [
             self.python,
             str(BENCH / "scan_speed.py"),
-            "--device=cuda",
+            f"--device={self.device}",
             *SPEED_SHAPES[shape],
             *extra,
             f"--json={json_path}",
             f"--plot={self.out / f'speed_{shape}.png'}",
         ]
         res = self.run(cmd, limit)
-        table = [ln for ln in res.output.splitlines() if not ln.startswith("[")]
-        self.speed.setdefault("tables", {})[shape + ("_block" if "--no-scan" in extra else "")] = (
-            "\n".join(table[-60:])
-        )
+        key = shape + ("_block" if "--no-scan" in extra else "")
+        self.speed.setdefault("tables", {})[key] = report_text(res.output, "motion_scan speed |")
         if res.returncode != 0 or not json_path.is_file():
             return None
         return json.loads(json_path.read_text())
@@ -820,14 +850,12 @@ class Check:
         cmd = [
             self.python,
             str(BENCH / "memory.py"),
-            "--device=cuda",
+            f"--device={self.device}",
             f"--json={mem_json}",
             f"--plot={self.out / 'memory.png'}",
         ]
         res = self.run(cmd, min(result.limit_s - (time.monotonic() - started), self.remaining()))
-        self.speed.setdefault("tables", {})["memory"] = "\n".join(
-            ln for ln in res.output.splitlines()[-40:] if not ln.startswith("[")
-        )
+        self.speed.setdefault("tables", {})["memory"] = report_text(res.output, "training memory |")
         if res.returncode != 0 or not mem_json.is_file():
             failures.append("memory.py " + ("cut" if res.timed_out else f"exit {res.returncode}"))
         else:
@@ -880,8 +908,17 @@ class Check:
             if part.seconds:
                 line += f"  ({part.seconds:.0f} s)"
             lines.append(line)
-            if part.name == "tests" and part.details.get("failing"):
-                lines += [f"      {f}" for f in part.details["failing"][:15]]
+            if part.name == "tests" and "tests" in part.details:
+                d = part.details
+                lines.append(
+                    f"      {d['passed']} passed, {d['failures']} failed, {d['errors']} errors, "
+                    f"{d['skipped']} skipped"
+                )
+                lines += [f"      {f}" for f in d["failing"][:15]]
+            if part.name == "sanitizer":
+                for tool in ("memcheck", "racecheck"):
+                    if tool in part.details:
+                        lines.append(f"      {tool}: {part.details[tool]['summary']}")
         lines.append(f"  mamba-ssm     {self.mamba['status']}")
         for shape in SPEED_SHAPES:
             s = self.speed.get(shape)
@@ -912,7 +949,8 @@ class Check:
                 )
             )
         summary = "\n".join(lines)
-        print(summary)
+        tables = self.speed.get("tables", {})
+        print("\n\n".join([*(tables[k] for k in tables), summary]))
         payload = {
             "benchmark": "gpu_check",
             "ok": all(p.ok for p in self.parts),

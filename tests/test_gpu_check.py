@@ -177,3 +177,11 @@ def test_mamba_shim_imports_the_sdist_modules_without_its_init(tmp_path: Path) -
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["9.9", "42"]
+
+
+def test_report_text_keeps_the_report_from_its_header_on() -> None:
+    output = "motion_scan: computing\n[1/2] ref ...\nmotion_scan speed | x\nrow  fwd\n[1] note\n"
+    assert gpu_check.report_text(output, "motion_scan speed |") == (
+        "motion_scan speed | x\nrow  fwd\n[1] note"
+    )
+    assert gpu_check.report_text("a\nb\nc", "missing |", max_lines=2) == "b\nc"

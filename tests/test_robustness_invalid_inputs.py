@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pks4_layers.layers import KinematicPriorEncoder, ParallelTemporalScan, PKS4Block
 from pks4_layers.layers._checks import check_same_dtype
-from pks4_layers.ops import motion_scan
+from pks4_layers.ops import motion_scan, motion_scan_ref
 from scan_cases import (
     INPUT_NAMES,
     Inputs,
@@ -44,6 +44,7 @@ from scan_cases import (
     state_dtype,
     upstream,
 )
+from tolerances import assert_close
 
 # batch, T, L, D, N all distinct, so that every mismatch is visible.
 SHAPE = (2, 3, 4, 5, 6)
@@ -624,3 +625,74 @@ def test_cuda_scan_without_the_decay_check_never_synchronises() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------
+# problems past the CUDA kernel's launch limits
+
+
+def test_cuda_launch_limits_are_named() -> None:
+    op_module = importlib.import_module("pks4_layers.ops.motion_scan")
+    assert op_module.cuda_launch_limit((8, 16, 196, 768)) is None
+    assert op_module.cuda_launch_limit((1, 1, 2**31 - 1, 1)) is None
+    assert op_module.cuda_launch_limit((2, 1, 2**30, 1)) == (
+        "batch * L <= 2147483647 (one CUDA block per row), got 2147483648"
+    )
+    assert op_module.cuda_launch_limit((1, 1, 1, 65535 * 128)) is None
+    assert "D <= 8388480" in op_module.cuda_launch_limit((1, 1, 1, 65535 * 128 + 1))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2**30, 1), (1, 1, 1, 65535 * 128 + 1)])
+def test_past_the_cuda_grid_explicit_cuda_refuses_auto_runs_torch(monkeypatch, shape) -> None:
+    """Shapes the kernel's grid cannot hold (on meta tensors: no memory is needed): an explicit
+    ``backend="cuda"`` says which limit, ``"auto"`` runs the ``torch`` backend instead of
+    failing inside the launch."""
+    op_module = importlib.import_module("pks4_layers.ops.motion_scan")
+    monkeypatch.setattr(op_module, "resolve_backend", lambda *args, **kwargs: "cuda")
+    ran: list[str] = []
+    for name in ("cuda", "torch"):
+        monkeypatch.setitem(
+            op_module._BACKENDS, name, lambda *args, _n=name: ran.append(_n) or (args[0], None)
+        )
+    batch, T, L, D = shape
+    N = 1
+    meta = {
+        "u": torch.empty(batch, T, L, D, device="meta"),
+        "delta": torch.empty(batch, T, L, D, device="meta"),
+        "A": torch.empty(D, N, device="meta"),
+        "B": torch.empty(batch, T, L, N, device="meta"),
+        "C": torch.empty(batch, T, L, N, device="meta"),
+    }
+    with pytest.raises(ValueError, match=r"^u: backend 'cuda' expected (batch \* L|D) <= "):
+        motion_scan(**meta, backend="cuda")
+    assert ran == []
+    motion_scan(**meta, backend="auto")
+    assert ran == ["torch"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 60 * 2**30,
+    reason="needs a CUDA device with 60 GB of memory",
+)
+def test_cuda_grid_of_more_than_2_31_threads() -> None:
+    """2^24 rows of 256 channels: 2^32 threads in one launch (past any 32-bit thread index).
+    The last rows, whose flat offsets exceed 2^31, match the reference computed on them."""
+    device_for("cuda")
+    batch, T, L, D, N = 1, 1, 2**24, 256, 1
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    u, delta, z = rnd(batch, T, L, D), rnd(batch, T, L, D), rnd(batch, T, L, D)
+    B, C = rnd(batch, T, L, N), rnd(batch, T, L, N)
+    A = -torch.rand(D, N, generator=g, device="cuda")
+    y, last = motion_scan(u, delta, A, B, C, z=z, return_last_state=True, backend="cuda")
+    tail = slice(L - 3, L)
+    pick = [t[:, :, tail].double().cpu() for t in (u, delta, B, C, z)]
+    y_ref, last_ref = motion_scan_ref(
+        pick[0], pick[1], A.double().cpu(), pick[2], pick[3], z=pick[4], return_last_state=True
+    )
+    assert_close(y[:, :, tail].cpu(), y_ref, dtype=torch.bfloat16, msg="y of the last rows")
+    assert_close(last[:, tail].cpu(), last_ref, dtype=torch.float32, msg="last state")

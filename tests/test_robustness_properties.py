@@ -64,7 +64,7 @@ PROPERTY_SETTINGS = settings(
 )
 LAYER_SETTINGS = settings(PROPERTY_SETTINGS, max_examples=25)
 
-LAYOUTS = ("contiguous", "permuted", "strided", "expanded")
+LAYOUTS = ("contiguous", "permuted", "strided", "expanded", "offset")
 
 # --------------------------------------------------------------------------------------------
 # layouts: differentiable views with the values of a base tensor (expanded: of one slice of it)
@@ -89,7 +89,16 @@ def _expanded(t: Tensor, axis: int) -> Tensor:
     return t.narrow(axis, 0, 1).expand(t.shape)
 
 
+def _offset(t: Tensor) -> Tensor:
+    """Same values, contiguous, starting one element into a larger buffer: a data pointer
+    aligned to the element size only, never to the 16 bytes of a vector load."""
+    flat = torch.cat([torch.zeros(1, dtype=t.dtype, device=t.device), t.reshape(-1)])
+    return flat[1:].view(t.shape)
+
+
 def apply_layout(t: Tensor, layout: str, axis: int) -> Tensor:
+    if layout == "offset":
+        return _offset(t)
     if layout == "permuted":
         return _permuted(t)
     if layout == "strided":
@@ -299,6 +308,7 @@ def _checked_scans(expect_scans: bool) -> Iterator[list]:
         bound = signature.bind(*args, **kwargs).arguments
         bound.pop("backend", None)
         bound.pop("return_last_state", None)
+        bound.pop("check_decay", None)
         ref = {k: (v.detach().double() if isinstance(v, Tensor) else v) for k, v in bound.items()}
         y_ref = motion_scan_ref(**ref)
         y = out[0] if isinstance(out, tuple) else out

@@ -115,6 +115,20 @@ def _fallback(name: str) -> str:
 
 # The CUDA kernel keeps the N states of a sequence in registers, for N up to this.
 CUDA_MAX_STATE = 64
+# Its grid: one block per (batch, location) row in x (at most 2^31 - 1), blocks of 128 channels
+# in y (at most 65535 of them). Any number of threads in total: every index is 64-bit.
+CUDA_MAX_ROWS = 2**31 - 1
+CUDA_MAX_DIM = 65535 * 128
+
+
+def cuda_launch_limit(shape: tuple[int, ...]) -> Optional[str]:
+    """Why a ``(batch, T, L, D)`` problem does not fit one launch of the CUDA kernel, or None."""
+    batch, _, L, D = shape
+    if batch * L > CUDA_MAX_ROWS:
+        return f"batch * L <= {CUDA_MAX_ROWS} (one CUDA block per row), got {batch * L}"
+    if D > CUDA_MAX_DIM:
+        return f"D <= {CUDA_MAX_DIM} (65535 CUDA blocks of 128 channels), got D={D}"
+    return None
 
 
 def resolve_backend(
@@ -313,6 +327,12 @@ def motion_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, check_decay
     )
     name = resolve_backend(backend, u.device, u.dtype, A.shape[1])
+    if name == "cuda":
+        too_large = cuda_launch_limit(tuple(u.shape))
+        if too_large is not None:
+            if backend != "auto":
+                raise ValueError(f"u: backend 'cuda' expected {too_large}")
+            name = "torch"  # the kernel cannot take it in one launch; torch's ops can
     y, last_state = _BACKENDS[name](
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, initial_state
     )
