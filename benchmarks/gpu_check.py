@@ -109,6 +109,7 @@ LIMITS = {
     "speed": 75.0,
     "block_memory": 60.0,
 }
+PART_NAMES = ("tests", "sanitizer", "speed", "block_memory")  # after the install, in this order
 MAMBA_BUILD_LIMIT = 300.0
 # Instrument our kernels only: torch's own ones are not under test, and instrumenting them all
 # would take most of the part's time.
@@ -872,20 +873,25 @@ class Check:
         if not has_gpu:
             self.skip_all("no CUDA device")
             return self.report()
-        if self.do_install():
+        wanted = self.args.parts
+        # mamba-ssm's build needs only torch and nvcc: it runs beside our own build and the tests.
+        if "speed" in wanted:
             self.start_mamba_build()
-            for name, step in (
-                ("tests", self.do_tests),
-                ("sanitizer", self.do_sanitizer),
-            ):
-                if self.remaining() < 5:
-                    self.parts.append(PartResult(name, verdict="cut: the check's budget is spent"))
+        if self.do_install():
+            steps = {
+                "tests": self.do_tests,
+                "sanitizer": self.do_sanitizer,
+                "speed": self.do_speed,
+                "block_memory": self.do_block_memory,
+            }
+            for name, step in steps.items():
+                if name not in wanted:
+                    self.parts.append(PartResult(name, verdict="skipped: not asked for (--parts)"))
                     continue
-                step()
-            # The speed part needs the mamba build: wait for it, leaving the speed part and the
-            # block/memory part most of what is left.
-            self.wait_mamba_build(max(0.0, self.remaining() - LIMITS["speed"] - 30))
-            for name, step in (("speed", self.do_speed), ("block_memory", self.do_block_memory)):
+                if name == "speed":
+                    # It needs the mamba build: wait for it, leaving the speed part and the
+                    # block/memory part most of what is left.
+                    self.wait_mamba_build(max(0.0, self.remaining() - LIMITS["speed"] - 30))
                 if self.remaining() < 5:
                     self.parts.append(PartResult(name, verdict="cut: the check's budget is spent"))
                     continue
@@ -977,12 +983,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--mamba-sdist", type=Path, default=None, help="a mamba-ssm .tar.gz to build")
     p.add_argument(
+        "--parts",
+        default=",".join(PART_NAMES),
+        help=f"comma-separated parts after the install (default: all of {', '.join(PART_NAMES)})",
+    )
+    p.add_argument(
         "--python", default=sys.executable, help="the python that holds torch (default: this one)"
     )
     # Internal entry points of the child processes.
     p.add_argument("--_sanitizer-workload", dest="sanitizer_workload", help=argparse.SUPPRESS)
     p.add_argument("--_build-mamba", dest="build_mamba", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(args.parts) - set(PART_NAMES))
+    if unknown:
+        p.error(f"--parts: expected names from {', '.join(PART_NAMES)}, got {', '.join(unknown)}")
     if args.sanitizer_workload is None and args.build_mamba is None and args.out is None:
         p.error("--out: expected a folder for the results, got nothing")
     if args.budget <= 0:

@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -68,6 +69,33 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state decay exp(dt * A) on the special-function unit.
+//
+// The N decays of a step are most of a scan's arithmetic. motion_scan.h's exp_f32 is a
+// polynomial written for CPU vector units (about twenty instructions, one of them a quarter-rate
+// float-to-int conversion); on the GPU one MUFU.EX2 does it: exp(dt a) = 2^((dt log2 e) a), with
+// dt log2 e formed once per step (decay_scale) and one multiply per state. ex2.approx has a
+// relative error of about 2^-22 and flushes results below 2^-126 to zero (a state decayed to
+// 1e-38 of itself is gone either way); NaN stays NaN, and a positive overflow gives +inf as
+// exp_f32 does. The backward recomputes the decay with the same call on the same operands, so
+// its replay and its walk see bit-identical values.
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+__device__ __forceinline__ float decay_scale(float dt) { return dt * kLog2e; }
+
+__device__ __forceinline__ float state_decay(float dt_log2e, float a) {
+  const float x = dt_log2e * a;
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);  // the host emulation of the CUDA execution model (tests/cuda_emulation)
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 //   pass 2 takes the segments last to first: reloads the checkpoint, replays the segment keeping
 //          its states in a per-thread buffer, then walks it backward.
 // The recurrence is never run backwards through a division by exp(dt A). The decays of a
-// segment are recomputed in the walk instead of stored (exp_acc(dt * a), the same call on the
-// same operands as in update_state, so the same value): the per-thread buffer, which lives in
+// segment are recomputed in the walk instead of stored (state_decay(dt log2 e, a), the same call
+// on the same operands as in the replay, so the same value): the per-thread buffer, which lives in
 // local memory, stays at (segment + 1) * kMaxN floats.
 //
 // Outputs: grad_u, grad_delta, grad_z per thread in the input kind; dA, dD, d(delta_bias) and
@@ -122,10 +122,11 @@ __global__ void __launch_bounds__(kThreads)
         const float uu = load_u(off);
         const float dt = step_size<float>(load_pre(off), use_softplus);
         const float dtu = dt * uu;
+        const float dt2 = decay_scale(dt);
         const float* sB = smem_B + i * kMaxN;
 #pragma unroll
         for (int n = 0; n < kMaxN; ++n) {
-          if (n < N) update_state<float>(h[n], dt, a[n], dtu, sB[n]);
+          if (n < N) h[n] = state_decay(dt2, a[n]) * h[n] + dtu * sB[n];
         }
       }
     }
@@ -164,14 +165,14 @@ __global__ void __launch_bounds__(kThreads)
       const float pre = load_pre(off);
       const float dt = step_size<float>(pre, use_softplus);
       const float dtu = dt * uu;
+      const float dt2 = decay_scale(dt);
       const float* sB = smem_B + i * kMaxN;
       const float* sC = smem_C + i * kMaxN;
       float acc = 0.0f;
 #pragma unroll
       for (int n = 0; n < kMaxN; ++n) {
         if (n < N) {
-          float hv = seg_h[i * kMaxN + n];
-          update_state<float>(hv, dt, a[n], dtu, sB[n]);
+          const float hv = state_decay(dt2, a[n]) * seg_h[i * kMaxN + n] + dtu * sB[n];
           seg_h[(i + 1) * kMaxN + n] = hv;
           acc += sC[n] * hv;
         }
@@ -200,6 +201,7 @@ __global__ void __launch_bounds__(kThreads)
         if (live) grad_z[off] = from_float<input_t>(g * y_pre * sz * (1.0f + zj * (1.0f - sz)));
       }
       const float dtu = dt * uu;
+      const float dt2 = decay_scale(dt);
       float gdt = 0.0f, gwrite = 0.0f;
       float keep_b[kKeep], keep_c[kKeep];
 #pragma unroll
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
         if (n < N) {  // N is uniform: every lane takes the shuffles below
           const float hp = seg_h[i * kMaxN + n];
           const float hn = seg_h[(i + 1) * kMaxN + n];
-          const float dec = exp_acc<float>(dt * a[n]);  // the decay update_state applied
+          const float dec = state_decay(dt2, a[n]);  // the decay the replay applied
           const float bnv = sB[n], cnv = sC[n];
           // y_t reads h_t through C_t.
           float sum_c = gys * hn;

@@ -4,7 +4,8 @@
 // cuda_common.cuh for the work split). The steps are taken in chunks: the block loads B_t and
 // C_t of a chunk of steps into shared memory once, then every thread scans the chunk. The
 // arithmetic of a step is that of the CPU kernel (motion_scan_fwd_cpu.cpp): the same functions
-// of motion_scan.h, in the same order.
+// of motion_scan.h, in the same order, except the state decay, which runs on the special-function
+// unit (state_decay in cuda_common.cuh).
 #include <cuda_runtime.h>
 
 #include "cuda_common.cuh"
@@ -71,13 +72,14 @@ __global__ void __launch_bounds__(kThreads)
       const float zz = live && z ? to_float(z[off]) : 0.0f;
       const float dt = step_size<float>(pre + bv, use_softplus);
       const float dtu = dt * uu;
+      const float dt2 = decay_scale(dt);
       float acc = dv * uu;
       const float* sB = smem_B + i * kMaxN;
       const float* sC = smem_C + i * kMaxN;
 #pragma unroll
       for (int n = 0; n < kMaxN; ++n) {
         if (n < N) {
-          update_state<float>(h[n], dt, a[n], dtu, sB[n]);
+          h[n] = state_decay(dt2, a[n]) * h[n] + dtu * sB[n];
           acc += sC[n] * h[n];
         }
       }

@@ -5,7 +5,9 @@ reverse scan (frame ``t`` sees ``t .. t+W-1``): the reverse path equals flipping
 the causal convolution and flipping back. On CUDA it runs through causal-conv1d's
 ``causal_conv1d_fn`` when that package is installed, elsewhere through ``F.conv1d``. Under
 ``torch.use_deterministic_algorithms(True)`` it always takes ``F.conv1d``: causal-conv1d's
-backward sums the weight gradients with atomic adds, whose order varies between runs.
+backward sums the weight gradients with atomic adds, whose order varies between runs. So it does
+under ``torch.compile``, which cannot trace into causal-conv1d (nor its import) without a graph
+break.
 
 Only the causal direction can be streamed: :func:`temporal_conv_step` carries the last ``W - 1``
 inputs from one chunk to the next, which is exactly the zero padding of a whole-clip call for the
@@ -55,8 +57,14 @@ def temporal_conv(
     seqs = rearrange(x, "b t l d -> (b l) d t")
     weight = weight.to(seqs.dtype)
     bias = None if bias is None else bias.to(seqs.dtype)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fast = _causal_conv1d_fn() if x.is_cuda and not deterministic else None
+    # causal-conv1d's kernel is opaque to torch.compile (and its import cannot be traced): a
+    # compiled graph takes F.conv1d, which the compiler fuses.
+    use_fast = (
+        x.is_cuda
+        and not torch.are_deterministic_algorithms_enabled()
+        and not torch.compiler.is_compiling()
+    )
+    fast = _causal_conv1d_fn() if use_fast else None
     if fast is not None:
         out = fast(seqs.flip(-1), weight, bias).flip(-1) if reverse else fast(seqs, weight, bias)
     elif reverse:
