@@ -484,17 +484,26 @@ MUTANTS: dict[str, Mutant] = {
     "bwd-warp-sum-only-live-lanes": Mutant(
         Mutation(
             "motion_scan_bwd.cu",
-            "          sum_b = warp_sum(live ? sum_b : 0.0f);\n"
-            "          sum_c = warp_sum(live ? sum_c : 0.0f);\n",
-            "          if (live) {\n"
-            "            sum_b = warp_sum(sum_b);\n"
-            "            sum_c = warp_sum(sum_c);\n"
-            "          }\n",
+            "if (g0 < N) {  // N is uniform: every lane takes the shuffles",
+            "if (g0 < N && live) {",
         ),
         Case((1, 5, 1, 33, 4)),
         "backward",
         RuntimeError,
         r"thread 33 .* while thread 32 .* waits for it in __shfl_xor_sync\(mask 0xffffffff\)",
+    ),
+    # The warp sums' butterfly keeping the wrong half: every dB_t / dC_t sum lands on the
+    # wrong state.
+    "bwd-warp-sum-butterfly-halves": Mutant(
+        Mutation(
+            "motion_scan_bwd.cu",
+            "const bool upper = (lane & offset) != 0;",
+            "const bool upper = (lane & offset) == 0;",
+        ),
+        Case((1, 5, 1, 40, 16)),
+        "backward",
+        AssertionError,
+        rf"^grad of [BC]: {_MISMATCH}",
     ),
     # A block larger than the kernel's __launch_bounds__.
     "fwd-block-beyond-launch-bounds": Mutant(

@@ -104,8 +104,6 @@ __device__ __forceinline__ float state_decay(float dt_log2e, float a) {
 template <int kMaxN_, typename input_t_, typename bc_t_>
 struct ScanTraits {
   static constexpr int kMaxN = kMaxN_;
-  // Slots kept per lane for the warp sums of dB_t / dC_t: lane j keeps states j, j + 32, ...
-  static constexpr int kKeep = (kMaxN_ + kWarpSize - 1) / kWarpSize;
   using input_t = input_t_;
   using bc_t = bc_t_;
 };

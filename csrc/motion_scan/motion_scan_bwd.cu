@@ -14,7 +14,8 @@
 //
 // Outputs: grad_u, grad_delta, grad_z per thread in the input kind; dA, dD, d(delta_bias) and
 // the gradient of the initial state per thread (summed over rows by the caller); dB_t and dC_t
-// summed over the 32 channels of each warp with shuffles, one partial per warp. No atomics.
+// summed over the 32 channels of each warp with shuffles (a reduce-scatter butterfly, 16 states
+// at a time), one partial per warp. No atomics.
 #include <cuda_runtime.h>
 
 #include "cuda_common.cuh"
@@ -24,18 +25,44 @@ namespace pks4 {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Warp sums of dB_t and dC_t, kSumGroup states at a time. Summing each state's value over the
+// 32 lanes separately costs 5 shuffles per state; a reduce-scatter butterfly sums all 16 at once
+// with 16: at each exchange a lane keeps half of its values, adds the partner's copy of that
+// half and sends the other half, so the values halve while the lanes holding each sum double.
+constexpr int kSumGroup = 16;
+
+// One exchange of the butterfly across lanes `offset` apart: each lane keeps kHalf of its
+// 2 * kHalf values (the upper half where its lane bit `offset` is set).
+template <int kHalf>
+__device__ __forceinline__ void exchange_halves(float (&v)[kSumGroup], int lane, int offset) {
+  const bool upper = (lane & offset) != 0;
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1)
-    v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
+  for (int j = 0; j < kHalf; ++j) {
+    const float send = upper ? v[j] : v[j + kHalf];
+    const float keep = upper ? v[j + kHalf] : v[j];
+    v[j] = keep + __shfl_xor_sync(kFullMask, send, offset);
+  }
 }
+
+// The sums over the warp's 32 lanes of v[0..15]: lanes 2m and 2m + 1 return the sum of v[m]
+// (m = scatter_index(lane): the lane bits 4..1 that picked the halves). v is overwritten.
+__device__ __forceinline__ float warp_sum_scatter(float (&v)[kSumGroup], int lane) {
+  exchange_halves<8>(v, lane, 16);
+  exchange_halves<4>(v, lane, 8);
+  exchange_halves<2>(v, lane, 4);
+  exchange_halves<1>(v, lane, 2);
+  return v[0] + __shfl_xor_sync(kFullMask, v[0], 1);
+}
+
+__device__ __forceinline__ int scatter_index(int lane) { return lane >> 1; }
+// One of the two lanes holding each sum stores it.
+__device__ __forceinline__ bool scatter_writer(int lane) { return (lane & 1) == 0; }
 
 template <typename Ktraits>
 __global__ void __launch_bounds__(kThreads)
     motion_scan_bwd_kernel(const MotionScanParams p) {
   constexpr int kMaxN = Ktraits::kMaxN;
-  constexpr int kKeep = Ktraits::kKeep;
+  static_assert(kMaxN % kSumGroup == 0, "the warp sums take the states kSumGroup at a time");
   using input_t = typename Ktraits::input_t;
   using bc_t = typename Ktraits::bc_t;
 
@@ -203,47 +230,43 @@ __global__ void __launch_bounds__(kThreads)
       const float dtu = dt * uu;
       const float dt2 = decay_scale(dt);
       float gdt = 0.0f, gwrite = 0.0f;
-      float keep_b[kKeep], keep_c[kKeep];
-#pragma unroll
-      for (int k = 0; k < kKeep; ++k) keep_b[k] = keep_c[k] = 0.0f;
       const float* sB = smem_B + i * kMaxN;
       const float* sC = smem_C + i * kMaxN;
+      // (b, t, l, warp_part, n): this warp's partial sums of dB_t and dC_t.
+      const int64_t part_off = (loc * p.bc_partitions + warp_part) * N;
 #pragma unroll
-      for (int n = 0; n < kMaxN; ++n) {
-        if (n < N) {  // N is uniform: every lane takes the shuffles below
-          const float hp = seg_h[i * kMaxN + n];
-          const float hn = seg_h[(i + 1) * kMaxN + n];
-          const float dec = state_decay(dt2, a[n]);  // the decay the replay applied
-          const float bnv = sB[n], cnv = sC[n];
-          // y_t reads h_t through C_t.
-          float sum_c = gys * hn;
-          const float gg = gh[n] + gys * cnv;
-          // h_t = exp(dt A) h_{t-1} + dt u B_t
-          const float g_log_decay = gg * hp * dec;
-          gA[n] += g_log_decay * dt;
-          gdt += g_log_decay * a[n];
-          gwrite += gg * bnv;
-          float sum_b = gg * dtu;
-          gh[n] = gg * dec;
-          // Threads past D add nothing, whatever B_t, C_t hold.
-          sum_b = warp_sum(live ? sum_b : 0.0f);
-          sum_c = warp_sum(live ? sum_c : 0.0f);
-          // Every lane now holds the warp's sums; lane n % 32 keeps those of state n.
-          if (lane == n % kWarpSize) {
-            keep_b[n / kWarpSize] = sum_b;
-            keep_c[n / kWarpSize] = sum_c;
+      for (int g0 = 0; g0 < kMaxN; g0 += kSumGroup) {
+        // The states of one group: their terms of dB_t, dC_t, then one warp reduction of all.
+        float part_b[kSumGroup], part_c[kSumGroup];
+#pragma unroll
+        for (int j = 0; j < kSumGroup; ++j) {
+          const int n = g0 + j;
+          part_b[j] = part_c[j] = 0.0f;
+          if (n < N) {
+            const float hp = seg_h[i * kMaxN + n];
+            const float hn = seg_h[(i + 1) * kMaxN + n];
+            const float dec = state_decay(dt2, a[n]);  // the decay the replay applied
+            const float bnv = sB[n], cnv = sC[n];
+            // y_t reads h_t through C_t.
+            const float gg = gh[n] + gys * cnv;
+            // h_t = exp(dt A) h_{t-1} + dt u B_t
+            const float g_log_decay = gg * hp * dec;
+            gA[n] += g_log_decay * dt;
+            gdt += g_log_decay * a[n];
+            gwrite += gg * bnv;
+            gh[n] = gg * dec;
+            // Threads past D add nothing, whatever B_t, C_t hold.
+            part_b[j] = live ? gg * dtu : 0.0f;
+            part_c[j] = live ? gys * hn : 0.0f;
           }
         }
-      }
-      if (warp_live) {
-        // (b, t, l, warp_part, n): one coalesced store per 32 states.
-        const int64_t part_off = (loc * p.bc_partitions + warp_part) * N;
-#pragma unroll
-        for (int k = 0; k < kKeep; ++k) {
-          const int n = k * kWarpSize + lane;
-          if (n < N) {
-            gB_part[part_off + n] = keep_b[k];
-            gC_part[part_off + n] = keep_c[k];
+        if (g0 < N) {  // N is uniform: every lane takes the shuffles
+          const float sum_b = warp_sum_scatter(part_b, lane);
+          const float sum_c = warp_sum_scatter(part_c, lane);
+          const int n = g0 + scatter_index(lane);
+          if (warp_live && scatter_writer(lane) && n < N) {
+            gB_part[part_off + n] = sum_b;
+            gC_part[part_off + n] = sum_c;
           }
         }
       }

@@ -59,17 +59,29 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  // u, delta and z of the next step are loaded while the current one is computed: a thread's
+  // steps are sequential, and without this lookahead each would start by waiting for its loads.
+  auto step_offset = [&](int64_t s) {
+    return ((b * T + time_index(s, T, p.reverse)) * L + l) * Dm + d;  // (b, t, l, d)
+  };
+  float u_next = 0.0f, pre_next = 0.0f, z_next = 0.0f;
+  auto load_step = [&](int64_t s) {
+    const int64_t off = step_offset(s);
+    u_next = live ? to_float(u[off]) : 0.0f;
+    pre_next = live ? to_float(delta[off]) : 0.0f;
+    z_next = live && z ? to_float(z[off]) : 0.0f;
+  };
+  if (T > 0) load_step(0);
+
   for (int64_t s0 = 0; s0 < T; s0 += kChunk) {
     const int len = static_cast<int>(T - s0 < kChunk ? T - s0 : kChunk);
     __syncthreads();  // the previous chunk is consumed by every thread
     load_bc<kMaxN, bc_t>(p, b, l, s0, len, smem_B, smem_C);
     __syncthreads();
     for (int i = 0; i < len; ++i) {
-      const int64_t t = time_index(s0 + i, T, p.reverse);
-      const int64_t off = ((b * T + t) * L + l) * Dm + d;  // (b, t, l, d)
-      const float uu = live ? to_float(u[off]) : 0.0f;
-      const float pre = live ? to_float(delta[off]) : 0.0f;
-      const float zz = live && z ? to_float(z[off]) : 0.0f;
+      const int64_t off = step_offset(s0 + i);
+      const float uu = u_next, pre = pre_next, zz = z_next;
+      if (s0 + i + 1 < T) load_step(s0 + i + 1);
       const float dt = step_size<float>(pre + bv, use_softplus);
       const float dtu = dt * uu;
       const float dt2 = decay_scale(dt);
