@@ -381,6 +381,145 @@ def sanitizer_workload(device: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# device time of the kernels alone
+
+
+def _shape_of(flags: list[str]) -> dict[str, Any]:
+    """The ``scan_speed.py`` flags of a shape as numbers."""
+    values = dict(f[2:].split("=", 1) for f in flags)
+    h, w = (int(x) for x in values["size"].split("x"))
+    return {
+        "batch": int(values["batch"]),
+        "frames": int(values["frames"]),
+        "locations": h * w,
+        "dim": int(values["dim"]),
+        "state": int(values["state"]),
+        "dtype": values.get("dtype", "float32"),
+    }
+
+
+def kernel_times(shape: str, repeats: int = 20) -> dict[str, Any]:
+    """Device time per call of the CUDA kernels alone (torch's profiler), for our forward and
+    backward and, where it imports, mamba-ssm's, on ``scan_speed.py``'s inputs of ``shape``;
+    and a large device copy's bandwidth, for the forward's memory floor. What the wall-clock
+    table adds on top of these is the host's time per call (checks, dispatch, allocation)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(BENCH))
+    from pks4_layers.ops.build import load
+    from scan_speed import make_scan_inputs
+
+    status = load("cuda")
+    if not status.loaded:
+        raise RuntimeError(f"the CUDA extension is unavailable: {status.reason}")
+
+    dims = _shape_of(SPEED_SHAPES[shape])
+    dtype = getattr(torch, dims["dtype"])
+    x = make_scan_inputs(
+        dims["batch"],
+        dims["frames"],
+        dims["locations"],
+        dims["dim"],
+        dims["state"],
+        dtype,
+        torch.device("cuda"),
+        0,
+    )
+    x = {k: v.detach() for k, v in x.items()}
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"])
+    ops = torch.ops.pks4
+    y, _ = ops.motion_scan_fwd(*args, True, False, None)
+    grad_y = torch.randn_like(y)
+
+    calls: dict[str, Any] = {
+        "cuda": (
+            lambda: ops.motion_scan_fwd(*args, True, False, None),
+            lambda: ops.motion_scan_bwd(*args, True, False, None, grad_y, None),
+        )
+    }
+    try:
+        import selective_scan_cuda
+        from einops import rearrange
+
+        def seq(t: Any, pattern: str) -> Any:
+            return rearrange(t, pattern).contiguous()
+
+        mu, md, mz = (seq(x[k], "b t l d -> (b l) d t") for k in ("u", "delta", "z"))
+        mB, mC = (seq(x[k], "b t l n -> (b l) n t") for k in ("B", "C"))
+        mA, mD, mbias = x["A"].float(), x["D"].float(), x["delta_bias"].float()
+        out = selective_scan_cuda.fwd(mu, md, mA, mB, mC, mD, mz, mbias, True)
+        mdout = torch.randn_like(mu)
+        calls["mamba"] = (
+            lambda: selective_scan_cuda.fwd(mu, md, mA, mB, mC, mD, mz, mbias, True),
+            lambda: selective_scan_cuda.bwd(
+                mu, md, mA, mB, mC, mD, mz, mbias, mdout, out[1], out[0], None, True, False
+            ),
+        )
+    except Exception as exc:  # not built, or another mamba-ssm signature
+        calls_error = f"{type(exc).__name__}: {exc}"
+    else:
+        calls_error = None
+
+    result: dict[str, Any] = {"shape": dims}
+    for name, (fwd, bwd) in calls.items():
+        for label, fn in (("fwd", fwd), ("bwd", bwd)):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(repeats):
+                    fn()
+                torch.cuda.synchronize()
+            scan_us = other_us = 0.0
+            for event in prof.key_averages():
+                total = getattr(event, "device_time_total", None)
+                if total is None:
+                    total = getattr(event, "cuda_time_total", 0.0)
+                if "scan" in event.key:
+                    scan_us += total
+                else:
+                    other_us += total
+            result[f"{name}_{label}_kernel_us"] = scan_us / repeats
+            result[f"{name}_{label}_other_us"] = other_us / repeats
+    if calls_error:
+        result["mamba_error"] = calls_error[:300]
+
+    # The floor: the forward's compulsory traffic over a large copy's bandwidth.
+    item = dtype.itemsize
+    tokens = dims["batch"] * dims["frames"] * dims["locations"]
+    traffic = (
+        4 * tokens * dims["dim"] * item
+        + 2 * tokens * dims["state"] * item
+        + dims["batch"] * dims["locations"] * dims["dim"] * dims["state"] * 4
+    )
+    src = torch.empty(max(traffic, 2**30) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    copy_gbps = 2 * src.numel() * 4 / seconds / 1e9
+    result.update(
+        fwd_traffic_bytes=traffic,
+        copy_gbps=copy_gbps,
+        fwd_floor_us=traffic / (copy_gbps * 1e9) * 1e6,
+    )
+    result["cuda_fwd_kernel_over_floor"] = result["cuda_fwd_kernel_us"] / result["fwd_floor_us"]
+    if "mamba_fwd_kernel_us" in result:
+        ours = result["cuda_fwd_kernel_us"] + result["cuda_bwd_kernel_us"]
+        theirs = result["mamba_fwd_kernel_us"] + result["mamba_bwd_kernel_us"]
+        result["mamba_over_cuda_kernel_fwd_bwd"] = theirs / ours
+    print(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # mamba-ssm's selective scan, compiled for this architecture only
 
 
@@ -821,6 +960,14 @@ class Check:
                 continue
             summary = speed_summary(data)
             self.speed[shape] = summary
+            res = self.run(
+                [self.python, str(Path(__file__).resolve()), f"--_kernel-times={shape}"],
+                min(30.0, self.remaining()),
+            )
+            try:
+                summary["kernels"] = json.loads(res.output.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                summary["kernels"] = {"error": res.output.strip()[-500:]}
             errors = {b: r["error"] for b, r in summary["rows"].items() if r.get("error")}
             errors.pop("mamba", None)  # optional: its reason is in the mamba status
             if errors:
@@ -943,6 +1090,22 @@ class Check:
             )
             ratio = s.get("cuda_over_mamba_fwd_bwd")
             floor = s.get("cuda_fwd_over_floor")
+            k = s.get("kernels", {})
+            if "cuda_fwd_kernel_us" in k:
+                line = (
+                    f"      kernels alone: cuda fwd {k['cuda_fwd_kernel_us']:.1f} us, bwd "
+                    f"{k['cuda_bwd_kernel_us']:.1f} us; floor {k['fwd_floor_us']:.1f} us at "
+                    f"{k['copy_gbps']:.0f} GB/s -> fwd {k['cuda_fwd_kernel_over_floor']:.2f}x floor"
+                )
+                if "mamba_fwd_kernel_us" in k:
+                    line += (
+                        f"; mamba fwd {k['mamba_fwd_kernel_us']:.1f} us, bwd "
+                        f"{k['mamba_bwd_kernel_us']:.1f} us -> cuda "
+                        f"{k['mamba_over_cuda_kernel_fwd_bwd']:.2f}x faster fwd+bwd"
+                    )
+                lines.append(line)
+            elif k:
+                lines.append(f"      kernels alone: {str(k)[:300]}")
             lines.append(
                 "      cuda vs mamba fwd+bwd: "
                 + (f"{ratio:.2f}x" if ratio else "n/a")
@@ -993,12 +1156,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     # Internal entry points of the child processes.
     p.add_argument("--_sanitizer-workload", dest="sanitizer_workload", help=argparse.SUPPRESS)
     p.add_argument("--_build-mamba", dest="build_mamba", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--_kernel-times", dest="kernel_times", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = sorted(set(args.parts) - set(PART_NAMES))
     if unknown:
         p.error(f"--parts: expected names from {', '.join(PART_NAMES)}, got {', '.join(unknown)}")
-    if args.sanitizer_workload is None and args.build_mamba is None and args.out is None:
+    internal = (args.sanitizer_workload, args.build_mamba, args.kernel_times)
+    if all(x is None for x in internal) and args.out is None:
         p.error("--out: expected a folder for the results, got nothing")
     if args.budget <= 0:
         p.error(f"--budget: expected a positive number of seconds, got {args.budget}")
@@ -1009,6 +1174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.sanitizer_workload is not None:
         sanitizer_workload(args.sanitizer_workload)
+        return 0
+    if args.kernel_times is not None:
+        kernel_times(args.kernel_times)
         return 0
     if args.build_mamba is not None:
         source, build_dir, arch, jobs = args.build_mamba

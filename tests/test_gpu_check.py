@@ -185,3 +185,22 @@ def test_report_text_keeps_the_report_from_its_header_on() -> None:
         "motion_scan speed | x\nrow  fwd\n[1] note"
     )
     assert gpu_check.report_text("a\nb\nc", "missing |", max_lines=2) == "b\nc"
+
+
+def test_speed_shapes_parse_to_the_issue_shapes() -> None:
+    assert gpu_check._shape_of(gpu_check.SPEED_SHAPES["default"]) == {
+        "batch": 2,
+        "frames": 16,
+        "locations": 196,
+        "dim": 384,
+        "state": 16,
+        "dtype": "float32",
+    }
+    assert gpu_check._shape_of(gpu_check.SPEED_SHAPES["large"]) == {
+        "batch": 8,
+        "frames": 16,
+        "locations": 196,
+        "dim": 768,
+        "state": 16,
+        "dtype": "bfloat16",
+    }
