@@ -446,7 +446,8 @@ def kernel_times(shape: str, repeats: int = 20) -> dict[str, Any]:
             return rearrange(t, pattern).contiguous()
 
         mu, md, mz = (seq(x[k], "b t l d -> (b l) d t") for k in ("u", "delta", "z"))
-        mB, mC = (seq(x[k], "b t l n -> (b l) n t") for k in ("B", "C"))
+        # (batch, groups, N, T): one group of B and C, as selective_scan_fn passes them.
+        mB, mC = (seq(x[k], "b t l n -> (b l) 1 n t") for k in ("B", "C"))
         mA, mD, mbias = x["A"].float(), x["D"].float(), x["delta_bias"].float()
         out = selective_scan_cuda.fwd(mu, md, mA, mB, mC, mD, mz, mbias, True)
         mdout = torch.randn_like(mu)
@@ -897,8 +898,9 @@ class Check:
             self.finish(result, started)
             return
         verdicts = []
-        for name in ("memcheck", "racecheck"):
-            limit = min(result.limit_s / 2, self.remaining())
+        tools = self.args.sanitizers
+        for name in tools:
+            limit = min(result.limit_s / len(tools), self.remaining())
             cmd = [
                 tool,
                 f"--tool={name}",
@@ -925,7 +927,7 @@ class Check:
         if all(verdicts):
             result.verdict = "passed"
         else:
-            bad = [n for n in ("memcheck", "racecheck") if not result.details[n]["clean"]]
+            bad = [n for n in tools if not result.details[n]["clean"]]
             result.verdict = "failed: " + "; ".join(
                 f"{n}: {result.details[n]['summary']}" for n in bad
             )
@@ -1151,6 +1153,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help=f"comma-separated parts after the install (default: all of {', '.join(PART_NAMES)})",
     )
     p.add_argument(
+        "--sanitizers",
+        default="memcheck,racecheck",
+        help="compute-sanitizer tools to run (default: memcheck,racecheck)",
+    )
+    p.add_argument(
         "--python", default=sys.executable, help="the python that holds torch (default: this one)"
     )
     # Internal entry points of the child processes.
@@ -1159,6 +1166,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--_kernel-times", dest="kernel_times", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    args.sanitizers = [x.strip() for x in args.sanitizers.split(",") if x.strip()]
+    odd = sorted(set(args.sanitizers) - {"memcheck", "racecheck", "initcheck", "synccheck"})
+    if odd or not args.sanitizers:
+        p.error(
+            "--sanitizers: expected names from memcheck, racecheck, initcheck, synccheck, "
+            f"got {args.sanitizers}"
+        )
     unknown = sorted(set(args.parts) - set(PART_NAMES))
     if unknown:
         p.error(f"--parts: expected names from {', '.join(PART_NAMES)}, got {', '.join(unknown)}")

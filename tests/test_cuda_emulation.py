@@ -484,8 +484,8 @@ MUTANTS: dict[str, Mutant] = {
     "bwd-warp-sum-only-live-lanes": Mutant(
         Mutation(
             "motion_scan_bwd.cu",
-            "if (g0 < N) {  // N is uniform: every lane takes the shuffles",
-            "if (g0 < N && live) {",
+            "        // Every lane of the warp takes the shuffles.\n",
+            "        if (!live) continue;\n",
         ),
         Case((1, 5, 1, 33, 4)),
         "backward",

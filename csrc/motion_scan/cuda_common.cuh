@@ -128,20 +128,31 @@ __device__ __forceinline__ ThreadPos thread_pos(const MotionScanParams& p) {
 }
 
 // Loads B_t and C_t, as float, for the scanned steps s0 .. s0 + len - 1 of location (b, l) into
-// sB / sC[i * kMaxN + n]. Cooperative over the block; the caller puts the barriers around it.
-// Consecutive threads read consecutive n: coalesced.
+// sB / sC[i * kMaxN + n], with zeros in the padding states N <= n < kMaxN. Cooperative over the
+// block; the caller puts the barriers around it. Consecutive threads read consecutive n:
+// coalesced.
+//
+// Why the padding: the kernels then run every state loop over all kMaxN states without a
+// runtime `n < N` test (which compiles to a branch per state and blocks vector loads of sB/sC).
+// A padding state has A = 0, B = C = 0 and starts at 0, so it stays 0 and adds nothing; only
+// a non-finite dt * u can make it NaN, and then the channel's real states are non-finite too.
 template <int kMaxN, typename bc_t>
 __device__ __forceinline__ void load_bc(const MotionScanParams& p, int64_t b, int64_t l,
                                         int64_t s0, int len, float* sB, float* sC) {
   const auto* B = static_cast<const bc_t*>(p.B);
   const auto* C = static_cast<const bc_t*>(p.C);
   const int N = static_cast<int>(p.dstate);
-  for (int idx = threadIdx.x; idx < len * N; idx += kThreads) {
-    const int i = idx / N, n = idx - i * N;
-    const int64_t t = time_index(s0 + i, p.seqlen, p.reverse);
-    const int64_t src = ((b * p.seqlen + t) * p.nloc + l) * p.dstate + n;
-    sB[i * kMaxN + n] = to_float(B[src]);
-    sC[i * kMaxN + n] = to_float(C[src]);
+  for (int idx = threadIdx.x; idx < len * kMaxN; idx += kThreads) {
+    const int i = idx / kMaxN, n = idx % kMaxN;  // kMaxN is a power of two: shifts
+    float vb = 0.0f, vc = 0.0f;
+    if (n < N) {
+      const int64_t t = time_index(s0 + i, p.seqlen, p.reverse);
+      const int64_t src = ((b * p.seqlen + t) * p.nloc + l) * p.dstate + n;
+      vb = to_float(B[src]);
+      vc = to_float(C[src]);
+    }
+    sB[idx] = vb;
+    sC[idx] = vc;
   }
 }
 

@@ -136,12 +136,32 @@ PKS4_HD float exp_f32(float x) {
   return res;
 }
 
+// a / b for the few divisions of a step (denominators in [1, inf]). In device code the
+// approximate division (MUFU.RCP and a multiply, about 2 ulp) replaces the IEEE one, whose
+// rounding fix-up is a function call; on the CPU it is the plain division.
+PKS4_HD float div_f32(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+
+template <typename acc_t>
+PKS4_HD acc_t div_acc(acc_t a, acc_t b) {
+  return a / b;
+}
+template <>
+PKS4_HD float div_acc<float>(float a, float b) {
+  return div_f32(a, b);
+}
+
 // log1p(y) for y in [0, 1], vectorisable. log(1 + y) with the rounding of 1 + y corrected
 // (log1p(y) = log(u) + (y - (u - 1)) / u, u = 1 + y), and Cephes' logf polynomial on the
 // mantissa. Used by softplus only, whose argument keeps y in [0, 1].
 PKS4_HD float log1p_unit_f32(float y) {
   float u = 1.0f + y;
-  float correction = (y - (u - 1.0f)) / u;
+  float correction = div_f32(y - (u - 1.0f), u);
   // u in [1, 2]: write u = m * 2^e with m in [sqrt(1/2), sqrt(2)).
   bool high = u > 1.41421356237f;
   float m = high ? 0.5f * u : u;
@@ -201,13 +221,13 @@ PKS4_HD acc_t step_size(acc_t pre, bool use_softplus) {
 template <typename acc_t>
 PKS4_HD acc_t step_size_slope(acc_t pre, bool use_softplus) {
   if (!use_softplus) return acc_t(1);
-  acc_t s = acc_t(1) / (acc_t(1) + exp_acc<acc_t>(-pre));
+  acc_t s = div_acc<acc_t>(acc_t(1), acc_t(1) + exp_acc<acc_t>(-pre));
   return pre > acc_t(20) ? acc_t(1) : s;
 }
 
 template <typename acc_t>
 PKS4_HD acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + exp_acc<acc_t>(-x));
+  return div_acc<acc_t>(acc_t(1), acc_t(1) + exp_acc<acc_t>(-x));
 }
 
 // State update h <- exp(dt A) h + (dt u) B, returning the decay for the backward.

@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(kThreads)
   using bc_t = typename Ktraits::bc_t;
 
   // B_t, C_t of the current segment.
-  __shared__ float smem_B[kMaxSegment * kMaxN];
-  __shared__ float smem_C[kMaxSegment * kMaxN];
+  alignas(16) __shared__ float smem_B[kMaxSegment * kMaxN];
+  alignas(16) __shared__ float smem_C[kMaxSegment * kMaxN];
 
   const int64_t T = p.seqlen, L = p.nloc, Dm = p.dim;
   const int64_t K = p.segment, num_chk = num_checkpoints(T, K);
@@ -110,11 +110,11 @@ __global__ void __launch_bounds__(kThreads)
   const float dv = live && Dskip ? Dskip[d] : 0.0f;
   const float bv = live && bias ? bias[d] : 0.0f;
   const int64_t state_off = (row * Dm + d) * N;  // (b, l, d, 0) of a (batch, L, D, N) state
+  // States N .. kMaxN - 1 are padding (see load_bc): A = 0, h = 0 and no gradient flows
+  // there, so the state loops need no `n < N` test; only the stores of states are guarded.
   float a[kMaxN];
 #pragma unroll
-  for (int n = 0; n < kMaxN; ++n) {
-    if (n < N) a[n] = live ? A[d * N + n] : 0.0f;
-  }
+  for (int n = 0; n < kMaxN; ++n) a[n] = live && n < N ? A[d * N + n] : 0.0f;
 
   // u_t and the biased logit of scanned step s (zeros past D).
   auto load_u = [&](int64_t off) { return live ? to_float(u[off]) : 0.0f; };
@@ -128,9 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   {
     float h[kMaxN];
 #pragma unroll
-    for (int n = 0; n < kMaxN; ++n) {
-      if (n < N) h[n] = live && h0 ? h0[state_off + n] : 0.0f;
-    }
+    for (int n = 0; n < kMaxN; ++n) h[n] = live && h0 && n < N ? h0[state_off + n] : 0.0f;
     for (int64_t c = 0; c < num_chk; ++c) {
       if (live) {
 #pragma unroll
@@ -152,9 +150,7 @@ __global__ void __launch_bounds__(kThreads)
         const float dt2 = decay_scale(dt);
         const float* sB = smem_B + i * kMaxN;
 #pragma unroll
-        for (int n = 0; n < kMaxN; ++n) {
-          if (n < N) h[n] = state_decay(dt2, a[n]) * h[n] + dtu * sB[n];
-        }
+        for (int n = 0; n < kMaxN; ++n) h[n] = state_decay(dt2, a[n]) * h[n] + dtu * sB[n];
       }
     }
   }
@@ -163,10 +159,8 @@ __global__ void __launch_bounds__(kThreads)
   float gh[kMaxN], gA[kMaxN];
 #pragma unroll
   for (int n = 0; n < kMaxN; ++n) {
-    if (n < N) {
-      gh[n] = live && glast ? glast[state_off + n] : 0.0f;
-      gA[n] = 0.0f;
-    }
+    gh[n] = live && glast && n < N ? glast[state_off + n] : 0.0f;
+    gA[n] = 0.0f;
   }
   float gD_acc = 0.0f, gbias_acc = 0.0f;
   // States h_{s0 - 1 + i} of the segment, i = 0 .. len (slot 0: the checkpoint), and per step
@@ -183,9 +177,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // Replay of the segment from its checkpoint.
 #pragma unroll
-    for (int n = 0; n < kMaxN; ++n) {
-      if (n < N) seg_h[n] = live ? workspace[chk_index(c, n)] : 0.0f;
-    }
+    for (int n = 0; n < kMaxN; ++n) seg_h[n] = live && n < N ? workspace[chk_index(c, n)] : 0.0f;
     for (int i = 0; i < len; ++i) {
       const int64_t off = step_offset(s0 + i);
       const float uu = load_u(off);
@@ -198,11 +190,9 @@ __global__ void __launch_bounds__(kThreads)
       float acc = 0.0f;
 #pragma unroll
       for (int n = 0; n < kMaxN; ++n) {
-        if (n < N) {
-          const float hv = state_decay(dt2, a[n]) * seg_h[i * kMaxN + n] + dtu * sB[n];
-          seg_h[(i + 1) * kMaxN + n] = hv;
-          acc += sC[n] * hv;
-        }
+        const float hv = state_decay(dt2, a[n]) * seg_h[i * kMaxN + n] + dtu * sB[n];
+        seg_h[(i + 1) * kMaxN + n] = hv;
+        acc += sC[n] * hv;
       }
       seg_dt[i] = dt;
       seg_pre[i] = pre;
@@ -236,38 +226,35 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t part_off = (loc * p.bc_partitions + warp_part) * N;
 #pragma unroll
       for (int g0 = 0; g0 < kMaxN; g0 += kSumGroup) {
+        if (g0 >= N) break;  // a group of padding states only; N is uniform over the block
         // The states of one group: their terms of dB_t, dC_t, then one warp reduction of all.
         float part_b[kSumGroup], part_c[kSumGroup];
 #pragma unroll
         for (int j = 0; j < kSumGroup; ++j) {
           const int n = g0 + j;
-          part_b[j] = part_c[j] = 0.0f;
-          if (n < N) {
-            const float hp = seg_h[i * kMaxN + n];
-            const float hn = seg_h[(i + 1) * kMaxN + n];
-            const float dec = state_decay(dt2, a[n]);  // the decay the replay applied
-            const float bnv = sB[n], cnv = sC[n];
-            // y_t reads h_t through C_t.
-            const float gg = gh[n] + gys * cnv;
-            // h_t = exp(dt A) h_{t-1} + dt u B_t
-            const float g_log_decay = gg * hp * dec;
-            gA[n] += g_log_decay * dt;
-            gdt += g_log_decay * a[n];
-            gwrite += gg * bnv;
-            gh[n] = gg * dec;
-            // Threads past D add nothing, whatever B_t, C_t hold.
-            part_b[j] = live ? gg * dtu : 0.0f;
-            part_c[j] = live ? gys * hn : 0.0f;
-          }
+          const float hp = seg_h[i * kMaxN + n];
+          const float hn = seg_h[(i + 1) * kMaxN + n];
+          const float dec = state_decay(dt2, a[n]);  // the decay the replay applied
+          const float bnv = sB[n], cnv = sC[n];
+          // y_t reads h_t through C_t.
+          const float gg = gh[n] + gys * cnv;
+          // h_t = exp(dt A) h_{t-1} + dt u B_t
+          const float g_log_decay = gg * hp * dec;
+          gA[n] += g_log_decay * dt;
+          gdt += g_log_decay * a[n];
+          gwrite += gg * bnv;
+          gh[n] = gg * dec;
+          // Threads past D add nothing, whatever B_t, C_t hold.
+          part_b[j] = live ? gg * dtu : 0.0f;
+          part_c[j] = live ? gys * hn : 0.0f;
         }
-        if (g0 < N) {  // N is uniform: every lane takes the shuffles
-          const float sum_b = warp_sum_scatter(part_b, lane);
-          const float sum_c = warp_sum_scatter(part_c, lane);
-          const int n = g0 + scatter_index(lane);
-          if (warp_live && scatter_writer(lane) && n < N) {
-            gB_part[part_off + n] = sum_b;
-            gC_part[part_off + n] = sum_c;
-          }
+        // Every lane of the warp takes the shuffles.
+        const float sum_b = warp_sum_scatter(part_b, lane);
+        const float sum_c = warp_sum_scatter(part_c, lane);
+        const int n = g0 + scatter_index(lane);
+        if (warp_live && scatter_writer(lane) && n < N) {
+          gB_part[part_off + n] = sum_b;
+          gC_part[part_off + n] = sum_c;
         }
       }
       const float gd = (gdt + gwrite * uu) * step_size_slope<float>(seg_pre[i], use_softplus);

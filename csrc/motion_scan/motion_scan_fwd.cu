@@ -26,8 +26,8 @@ __global__ void __launch_bounds__(kThreads)
   using input_t = typename Ktraits::input_t;
   using bc_t = typename Ktraits::bc_t;
 
-  __shared__ float smem_B[kChunk * kMaxN];
-  __shared__ float smem_C[kChunk * kMaxN];
+  alignas(16) __shared__ float smem_B[kChunk * kMaxN];
+  alignas(16) __shared__ float smem_C[kChunk * kMaxN];
 
   const int64_t T = p.seqlen, L = p.nloc, Dm = p.dim;
   const int N = static_cast<int>(p.dstate);
@@ -50,38 +50,35 @@ __global__ void __launch_bounds__(kThreads)
   const float dv = live && Dskip ? Dskip[d] : 0.0f;
   const float bv = live && bias ? bias[d] : 0.0f;
   const int64_t state_off = (pos.row * Dm + d) * N;  // (b, l, d, 0) of a (batch, L, D, N) state
+  // States N .. kMaxN - 1 are padding (see load_bc): A = 0 and h = 0 there.
   float a[kMaxN], h[kMaxN];
 #pragma unroll
   for (int n = 0; n < kMaxN; ++n) {
-    if (n < N) {
-      a[n] = live ? A[d * N + n] : 0.0f;
-      h[n] = live && h0 ? h0[state_off + n] : 0.0f;
-    }
+    a[n] = live && n < N ? A[d * N + n] : 0.0f;
+    h[n] = live && h0 && n < N ? h0[state_off + n] : 0.0f;
   }
 
   // u, delta and z of the next step are loaded while the current one is computed: a thread's
   // steps are sequential, and without this lookahead each would start by waiting for its loads.
-  auto step_offset = [&](int64_t s) {
-    return ((b * T + time_index(s, T, p.reverse)) * L + l) * Dm + d;  // (b, t, l, d)
-  };
+  // Offsets of (b, t, l, d) move by one frame, L * D elements, per scanned step.
+  const int64_t step_stride = (p.reverse ? -L : L) * Dm;
+  int64_t off = ((b * T + time_index(0, T, p.reverse)) * L + l) * Dm + d;
   float u_next = 0.0f, pre_next = 0.0f, z_next = 0.0f;
-  auto load_step = [&](int64_t s) {
-    const int64_t off = step_offset(s);
-    u_next = live ? to_float(u[off]) : 0.0f;
-    pre_next = live ? to_float(delta[off]) : 0.0f;
-    z_next = live && z ? to_float(z[off]) : 0.0f;
+  auto load_step = [&](int64_t at) {
+    u_next = live ? to_float(u[at]) : 0.0f;
+    pre_next = live ? to_float(delta[at]) : 0.0f;
+    z_next = live && z ? to_float(z[at]) : 0.0f;
   };
-  if (T > 0) load_step(0);
+  if (T > 0) load_step(off);
 
   for (int64_t s0 = 0; s0 < T; s0 += kChunk) {
     const int len = static_cast<int>(T - s0 < kChunk ? T - s0 : kChunk);
     __syncthreads();  // the previous chunk is consumed by every thread
     load_bc<kMaxN, bc_t>(p, b, l, s0, len, smem_B, smem_C);
     __syncthreads();
-    for (int i = 0; i < len; ++i) {
-      const int64_t off = step_offset(s0 + i);
+    for (int i = 0; i < len; ++i, off += step_stride) {
       const float uu = u_next, pre = pre_next, zz = z_next;
-      if (s0 + i + 1 < T) load_step(s0 + i + 1);
+      if (s0 + i + 1 < T) load_step(off + step_stride);
       const float dt = step_size<float>(pre + bv, use_softplus);
       const float dtu = dt * uu;
       const float dt2 = decay_scale(dt);
@@ -90,10 +87,8 @@ __global__ void __launch_bounds__(kThreads)
       const float* sC = smem_C + i * kMaxN;
 #pragma unroll
       for (int n = 0; n < kMaxN; ++n) {
-        if (n < N) {
-          h[n] = state_decay(dt2, a[n]) * h[n] + dtu * sB[n];
-          acc += sC[n] * h[n];
-        }
+        h[n] = state_decay(dt2, a[n]) * h[n] + dtu * sB[n];
+        acc += sC[n] * h[n];
       }
       if (z) acc *= zz * sigmoid<float>(zz);
       if (live) y[off] = from_float<input_t>(acc);
