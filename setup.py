@@ -10,7 +10,9 @@
   ``pks4_layers._C`` (CPU kernels and the op schemas) always; ``pks4_layers._C_cuda`` when torch
   has CUDA and a CUDA toolkit (``nvcc``) is found, for ``TORCH_CUDA_ARCH_LIST`` (default
   ``8.0;9.0``). ``PKS4_BUILD_CUDA=0`` skips it, ``PKS4_BUILD_CUDA=1`` makes its absence an error.
-  Flags are shared with the just-in-time build (``src/pks4_layers/ops/build.py``).
+  Flags are shared with the just-in-time build (``src/pks4_layers/ops/build.py``), and
+  ``pks4_layers/_build_info.json`` records the torch they were built against: another torch
+  at run time gets a warning and a just-in-time build instead of these libraries.
 """
 
 from __future__ import annotations
@@ -92,8 +94,18 @@ def _extensions():
                 },
             )
         )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return extensions, {"build_ext": build_ext}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtWithRecord(base):
+        """Builds the extensions, then records the torch they were built against beside them:
+        the library refuses to load them into another torch (see ops/build.py)."""
+
+        def run(self) -> None:
+            super().run()
+            folder = Path(self.get_ext_fullpath("pks4_layers._C")).parent
+            settings.write_build_info(folder)
+
+    return extensions, {"build_ext": BuildExtWithRecord}
 
 
 ext_modules, ext_cmdclass = _extensions()

@@ -406,9 +406,8 @@ def kernel_times(shape: str, repeats: int = 20) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(BENCH))
+    from pks4_layers.bench.scan_speed import make_scan_inputs
     from pks4_layers.ops.build import load
-    from scan_speed import make_scan_inputs
 
     status = load("cuda")
     if not status.loaded:

@@ -92,7 +92,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from _timing import (
+from pks4_layers import PKS4Block
+from pks4_layers.bench.timing import (
     Column,
     Table,
     arg_positive,
@@ -108,7 +109,6 @@ from _timing import (
     short_reason,
     write_json,
 )
-from pks4_layers import PKS4Block
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("pks4", "st_attention", "adapters")

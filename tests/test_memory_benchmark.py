@@ -26,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def memory() -> Iterator[ModuleType]:
-    """The benchmark script as a module (it imports ``_timing`` from its own folder)."""
+    """The benchmark script as a module, from its folder."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import memory as module

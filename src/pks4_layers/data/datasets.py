@@ -44,8 +44,24 @@ class VideoSample:
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {path}")
+        got = "a folder, not a file" if path.is_dir() else "file not found"
+        raise FileNotFoundError(f"{what}: expected a file, got {str(path)!r} ({got})")
     return path
+
+
+def _read_json(path: Path) -> object:
+    """The JSON in ``path``; a file that is not JSON raises ``ValueError`` naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: expected JSON, got {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from err
+
+
+def _preview(names: Sequence[str], count: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:count])
+    return shown + (", ..." if len(names) > count else "")
 
 
 def read_class_index(classes_file: PathLike) -> list[str]:
@@ -92,7 +108,10 @@ def folder_samples(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"root: video folder not found: {root}")
+        got = "a file, not a folder" if root.exists() else "no such folder"
+        raise FileNotFoundError(
+            f"root: expected a video folder of class folders, got {str(root)!r} ({got})"
+        )
     extensions = tuple(e.lower() for e in extensions)
     if classes_file is not None:
         classes = read_class_index(classes_file)
@@ -101,7 +120,9 @@ def folder_samples(
             p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
     if not classes:
-        raise ValueError(f"root: expected one sub-folder per class in {root}, got none")
+        videos = [p.name for p in root.iterdir() if p.suffix.lower() in extensions]
+        got = f"only videos ({_preview(videos, 2)}): no class folders" if videos else "none"
+        raise ValueError(f"root: expected one sub-folder per class in {root}, got {got}")
     class_to_idx = {c: i for i, c in enumerate(classes)}
 
     samples: list[VideoSample] = []
@@ -110,14 +131,20 @@ def folder_samples(
             folder = root / c
             if not folder.is_dir():
                 raise FileNotFoundError(
-                    f"class folder not found: {folder} (listed in {classes_file})"
+                    f"root: expected a folder for each class of {classes_file}, got no folder "
+                    f"{c!r} in {root}"
                 )
             for clip in sorted(folder.iterdir()):
                 if clip.is_file() and clip.suffix.lower() in extensions:
                     samples.append(VideoSample(str(clip), class_to_idx[c]))
         if not samples:
+            # A root one level too high (K400's train/ and val/, a download's top folder) has
+            # class folders of folders: say so, it is the usual cause.
+            nested = [c for c in classes if any(p.is_dir() for p in (root / c).iterdir())]
+            got = f"none, but {_preview(nested, 2)} hold folders: is root one level too high?"
             raise ValueError(
-                f"root: expected video files {extensions} in {root}/<class>/, got none"
+                f"root: expected video files {extensions} in {root}/<class>/, "
+                f"got {got if nested else 'none'}"
             )
         return samples, classes
 
@@ -137,7 +164,8 @@ def folder_samples(
         class_name = rel.parts[0]
         if class_name not in class_to_idx:
             raise ValueError(
-                f"{where}: class {class_name!r} is not one of the {len(classes)} classes"
+                f"{where}: class {class_name!r} unknown: expected one of the {len(classes)} "
+                f"classes ({_preview(classes)}), got {class_name!r}"
             )
         label = class_to_idx[class_name]
         if len(parts) == 2 and int(parts[1]) - 1 != label:
@@ -147,7 +175,10 @@ def folder_samples(
             )
         path = _with_any_extension(root / rel, extensions)
         if path is None:
-            raise FileNotFoundError(f"{where}: video not found: {root / rel}")
+            raise FileNotFoundError(
+                f"{where}: video not found: expected {root / rel} (or another of "
+                f"{extensions}), got no such file"
+            )
         samples.append(VideoSample(str(path), label))
     if not samples:
         raise ValueError(f"split_file: expected at least one clip, got an empty {split_path}")
@@ -174,20 +205,37 @@ def ssv2_samples(
     """
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
-        raise FileNotFoundError(f"video_dir: folder not found: {video_dir}")
+        got = "a file, not a folder" if video_dir.exists() else "no such folder"
+        raise FileNotFoundError(
+            f"video_dir: expected a folder of <id>.webm videos, got {str(video_dir)!r} ({got})"
+        )
     labels_path = _require_file(Path(labels_json), "labels_json")
     split_path = _require_file(Path(split_json), "split_json")
-    labels = json.loads(labels_path.read_text())
+    labels = _read_json(labels_path)
     if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"{labels_path}: expected a non-empty {{template: id}} object")
-    name_to_id = {name: int(i) for name, i in labels.items()}
+        got = f"an empty {type(labels).__name__}" if not labels else type(labels).__name__
+        raise ValueError(f"{labels_path}: expected a non-empty {{template: id}} object, got {got}")
+    try:
+        name_to_id = {name: int(i) for name, i in labels.items()}
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{labels_path}: expected {{template: id}} with integer ids, got "
+            f"{_preview([str(i) for i in labels.values()], 3)}"
+        ) from None
     if sorted(name_to_id.values()) != list(range(len(name_to_id))):
-        raise ValueError(f"{labels_path}: expected label ids 0..{len(name_to_id) - 1}")
+        ids = sorted(name_to_id.values())
+        raise ValueError(
+            f"{labels_path}: expected label ids 0..{len(name_to_id) - 1}, got "
+            f"{ids[0]}..{ids[-1]} with gaps or repeats"
+        )
     classes = sorted(name_to_id, key=name_to_id.__getitem__)
 
-    entries = json.loads(split_path.read_text())
+    entries = _read_json(split_path)
     if not isinstance(entries, list):
-        raise ValueError(f"{split_path}: expected a list of {{'id', 'template'}} objects")
+        raise ValueError(
+            f"{split_path}: expected a list of {{'id', 'template'}} objects, got a "
+            f"{type(entries).__name__} (is it the labels json?)"
+        )
     # One directory listing instead of a stat per entry and extension (SSv2 has 220k videos).
     extensions = tuple(e.lower() for e in extensions)
     files: dict[str, str] = {}
@@ -204,9 +252,15 @@ def ssv2_samples(
             )
         vid, name = str(entry["id"]), _strip_template(entry["template"])
         if name not in name_to_id:
-            raise ValueError(f"{split_path}: video {vid}: template {name!r} not in {labels_path}")
+            raise ValueError(
+                f"{split_path}: video {vid}: template {name!r} unknown: expected one of the "
+                f"{len(name_to_id)} templates of {labels_path}, got {name!r}"
+            )
         if vid not in files:
-            raise FileNotFoundError(f"video_dir: no {vid}{{{','.join(extensions)}}} in {video_dir}")
+            raise FileNotFoundError(
+                f"video_dir: expected video {vid} of {split_path.name} in {video_dir}, got no "
+                f"{vid}{{{','.join(extensions)}}} there"
+            )
         samples.append(VideoSample(str(video_dir / files[vid]), name_to_id[name]))
     return samples, classes
 

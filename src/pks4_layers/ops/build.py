@@ -7,13 +7,23 @@ Two shared libraries register the kernels with PyTorch's dispatcher when loaded:
 * ``pks4_cuda``: their CUDA implementations, loaded after the CPU one.
 
 Each is taken from the installed package when it was built ahead of time
-(``PKS4_BUILD_EXT=1 pip install --no-build-isolation -e .``), and otherwise (or with
-``PKS4_FORCE_JIT=1``) compiled on first use with ``torch.utils.cpp_extension.load`` and ninja
-into a per-user cache (``$PKS4_CACHE_DIR``, else ``$XDG_CACHE_HOME/pks4_layers``, else
-``~/.cache/pks4_layers``), once: the cache folder's name holds a hash of the sources, the
-flags, and the torch, CUDA and Python versions, so an upgraded torch never loads a stale
-binary. A failed build is reported once, with its reason, and the caller falls back to the
-``torch`` backend.
+(``PKS4_BUILD_EXT=1 pip install --no-build-isolation -e .``) for the torch that is running,
+and otherwise (or with ``PKS4_FORCE_JIT=1``) compiled on first use with
+``torch.utils.cpp_extension.load`` and ninja into a per-user cache (``$PKS4_CACHE_DIR``, else
+``$XDG_CACHE_HOME/pks4_layers``, else ``~/.cache/pks4_layers``), once: the cache folder's name
+holds a hash of the sources, the flags, and the torch, CUDA and Python versions, so an upgraded
+torch never loads a stale binary. A failed build is reported once, with its reason, and the
+caller falls back to the ``torch`` backend.
+
+An ahead-of-time build records the torch it was built against (``_build_info.json`` beside the
+libraries). One that does not fit the running torch (another torch or CUDA version, another
+Python), has no record, or fails to load (an undefined symbol, say) is not used: one warning says
+why, and the kernels are compiled on first use instead. A C++ extension built against one torch
+must never be loaded into another: their C++ symbols differ, and at best the load fails.
+
+Building the CPU kernels never looks for a CUDA toolkit: importing
+``torch.utils.cpp_extension`` on a machine without a GPU would otherwise print torch's "No CUDA
+runtime is found" warning for a build that does not need one.
 
 The cache holds native code that is loaded into the process, so whoever can write there can run
 code as the user. Both levels the library uses, the cache root and the per-key build folder,
@@ -29,12 +39,15 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import platform
 import shutil
 import stat
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,6 +56,7 @@ import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../pks4_layers
 _lock = threading.RLock()
+BUILD_INFO = "_build_info.json"  # what an ahead-of-time build was built against
 
 CPU_SOURCES = ("bindings.cpp", "motion_scan_fwd_cpu.cpp", "motion_scan_bwd_cpu.cpp")
 CUDA_SOURCES = ("bindings_cuda.cpp", "motion_scan_fwd.cu", "motion_scan_bwd.cu")
@@ -229,6 +243,75 @@ def _source_hash(names: tuple[str, ...], extra: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def build_key() -> dict[str, str]:
+    """What a compiled extension must have been built against to be loaded here."""
+    return {
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "machine": platform.machine(),
+    }
+
+
+def write_build_info(folder: Path) -> Path:
+    """Record :func:`build_key` beside ahead-of-time built libraries (called by setup.py)."""
+    path = Path(folder) / BUILD_INFO
+    path.write_text(json.dumps(build_key(), indent=1) + "\n")
+    return path
+
+
+def _prebuilt_mismatch(library: Path) -> Optional[str]:
+    """Why the ahead-of-time ``library`` must not be loaded into this process, or None."""
+    path = library.parent / BUILD_INFO
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"no record of the torch it was built against ({BUILD_INFO} is missing)"
+    except (OSError, ValueError) as exc:
+        return f"its build record {path.name} is unreadable ({exc})"
+    here = build_key()
+    if not isinstance(recorded, dict):
+        return f"its build record {path.name} is not a JSON object"
+    differ = [
+        f"{key} {recorded.get(key)} (running {value})"
+        for key, value in here.items()
+        if recorded.get(key) != value
+    ]
+    return "built for " + ", ".join(differ) if differ else None
+
+
+_warned_prebuilt: set[str] = set()
+
+
+def _warn_prebuilt_unused(library: Path, why: str) -> None:
+    if library.name in _warned_prebuilt:
+        return
+    _warned_prebuilt.add(library.name)
+    warnings.warn(
+        f"pks4-layers: not loading the ahead-of-time kernels {library.name}: {why}; compiling "
+        "them for this torch on first use instead (once, into the kernel cache)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _import_cpp_extension(for_cuda: bool):
+    """``torch.utils.cpp_extension``; for a CPU-only build without torch's warning about a
+    missing CUDA runtime, which its import prints when it finds a toolkit but no GPU."""
+    if for_cuda or "torch.utils.cpp_extension" in sys.modules:
+        from torch.utils import cpp_extension
+
+        return cpp_extension
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _prebuilt(stem: str) -> Optional[Path]:
     # "_C.cpython-311-x86_64-linux-gnu.so" or "_C.so", never "_C_cuda...".
     found = sorted(_PACKAGE_DIR.glob(f"{stem}.*so")) + sorted(_PACKAGE_DIR.glob(f"{stem}.*pyd"))
@@ -247,11 +330,11 @@ def _is_stale(library: Path, kind: str) -> bool:
 
 def _jit_build(kind: str) -> Path:
     """Compile one extension into the cache (once) and return the library's path."""
-    home = find_cuda_home()
+    home = find_cuda_home() if kind == "cuda" else None
     if home is not None and not os.environ.get("CUDA_HOME"):
         # torch guesses the toolkit from the folder of `nvcc`, wrong for a wrapper script.
         os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension(for_cuda=kind == "cuda")
 
     src = csrc_dir()
     if src is None:
@@ -320,7 +403,16 @@ def load(kind: str) -> ExtensionStatus:
             if prebuilt is not None and _is_stale(prebuilt, kind):
                 prebuilt = None  # edited kernels: build them rather than load the old ones
             if prebuilt is not None:
-                torch.ops.load_library(str(prebuilt))
+                why = _prebuilt_mismatch(prebuilt)
+                if why is None:
+                    try:
+                        torch.ops.load_library(str(prebuilt))
+                    except OSError as exc:  # e.g. an undefined symbol of another torch
+                        why = f"it does not load ({str(exc).strip().splitlines()[-1][:300]})"
+                if why is not None:
+                    _warn_prebuilt_unused(prebuilt, why)
+                    prebuilt = None
+            if prebuilt is not None:
                 status.origin = f"prebuilt {prebuilt.name}"
             else:
                 path = _jit_build(kind)

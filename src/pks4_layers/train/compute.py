@@ -1,6 +1,7 @@
 """What a training config costs, without reading a video: ``pks4-train --dry-run``.
 
-:func:`compute_budget` builds the config's model (no data, no checkpoint) and reports its
+:func:`compute_budget` builds the config's model with random weights (no pretrained weights,
+no data, no checkpoint: the cost does not depend on them) and reports its
 parameters, the forward FLOPs of one clip by part (:func:`~pks4_layers.models.model_report`),
 the FLOPs of the whole training schedule and of evaluating one video, and the memory of one
 training step: what autograd saves for the backward of a batch, plus the weights, gradients
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TrainConfig
+from .errors import UsageError
 
 __all__ = ["ComputeBudget", "compute_budget", "count_train_clips", "resolve_num_classes"]
 
@@ -76,6 +78,8 @@ class ComputeBudget:
     gradient_bytes: int
     optimizer_bytes: int
     step_bytes: int
+    # The pretrained weights the config names, which the dry run does not load ("": none).
+    weights_not_loaded: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +101,7 @@ class ComputeBudget:
             f"dry run: {self.backbone} ({frozen}) + {self.temporal}, {self.num_classes} classes "
             f"({self.num_classes_source})",
             f"clip: {t} frames x 3 x {size} x {size}; forward of one clip",
+            self.weights_note(),
             "",
             header,
             "-" * len(header),
@@ -126,6 +131,14 @@ class ComputeBudget:
         ]
         return "\n".join(lines)
 
+    def weights_note(self) -> str:
+        """The line that says what the dry run did not load or read."""
+        if self.weights_not_loaded:
+            skipped = f"pretrained weights are not loaded: {self.weights_not_loaded}"
+        else:
+            skipped = "no pretrained weights configured"
+        return f"dry run: random weights ({skipped}), no video read"
+
     def __str__(self) -> str:
         return self.format()
 
@@ -147,10 +160,31 @@ def _format_bytes(n: int) -> str:
 
 
 # ------------------------------------------------------------------- dataset, without decoding
+# The way out when the dataset is elsewhere, named in both messages: a user who lacks the classes
+# lacks the clips too.
+_WITHOUT_DATA = "without the data: --dry-run-classes N --dry-run-clips N"
+
+
+def _absent(key: str, value: str, folder: bool = False) -> str:
+    """What is there instead of config key ``key``'s file or folder, in words."""
+    if not value:
+        return f"{key} not set"
+    kind = "folder" if folder else "file"
+    return f"no {kind} {value!r} ({key})"
+
+
+def _json(path: str, key: str) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(key, "a JSON file", f"{path!r}: {err.msg} at line {err.lineno}") from err
+
+
 def resolve_num_classes(cfg: TrainConfig) -> tuple[int, str]:
     """``(number of classes, where it came from)`` of the config's dataset, from class lists
     only: the generated benchmark's task, a ``classInd.txt`` or the class folders (folder), the
-    labels json (ssv2). Raises ``ValueError`` when the files are not there."""
+    labels json (ssv2). Raises :class:`~.errors.UsageError` (a ``ValueError``) when the files
+    are not there."""
     from ..data import read_class_index
     from ..data.benchmark import TASKS
 
@@ -164,23 +198,28 @@ def resolve_num_classes(cfg: TrainConfig) -> tuple[int, str]:
             classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
             if classes:
                 return len(classes), f"class folders in {root}"
-        where = f"classes_file {cfg.classes_file!r} or data_root {cfg.data_root!r}"
+            got = f"no class folders in {cfg.data_root!r} (data_root)"
+        else:
+            got = _absent("data_root", cfg.data_root, folder=True)
+        if cfg.classes_file:
+            got = f"{_absent('classes_file', cfg.classes_file)}, {got}"
     else:  # ssv2
         if cfg.labels_json and Path(cfg.labels_json).is_file():
-            labels = json.loads(Path(cfg.labels_json).read_text())
+            labels = _json(cfg.labels_json, "labels_json")
             if isinstance(labels, dict) and labels:
                 return len(labels), cfg.labels_json
-        where = f"labels_json {cfg.labels_json!r}"
-    raise ValueError(
-        f"number of classes: {cfg.dataset} dataset not found ({where}); point the config at "
-        "the dataset, or pass --dry-run-classes N"
+            got = f"no {{template: id}} object in {cfg.labels_json!r} (labels_json)"
+        else:
+            got = _absent("labels_json", cfg.labels_json)
+    raise UsageError(
+        "number of classes", f"the {cfg.dataset} dataset's class list ({_WITHOUT_DATA})", got
     )
 
 
 def count_train_clips(cfg: TrainConfig) -> tuple[int, str]:
     """``(training clips per epoch, where it came from)``: the benchmark's setting, the lines of
     a split file, a folder listing or the entries of a split json; nothing is decoded. Raises
-    ``ValueError`` when the files are not there."""
+    :class:`~.errors.UsageError` (a ``ValueError``) when the files are not there."""
     if cfg.dataset == "benchmark":
         return cfg.benchmark_train, "benchmark_train"
     if cfg.dataset == "folder":
@@ -191,18 +230,25 @@ def count_train_clips(cfg: TrainConfig) -> tuple[int, str]:
         if not cfg.train_split and root.is_dir():
             from ..data import folder_samples
 
-            samples, _ = folder_samples(root, None, cfg.classes_file or None)
+            try:
+                samples, _ = folder_samples(root, None, cfg.classes_file or None)
+            except (FileNotFoundError, ValueError) as err:
+                raise UsageError.from_error(err) from err  # a folder in another layout
             return len(samples), f"videos under {root}"
-        where = f"train_split {cfg.train_split!r} or data_root {cfg.data_root!r}"
+        if cfg.train_split:
+            got = _absent("train_split", cfg.train_split)
+        else:
+            got = _absent("data_root", cfg.data_root, folder=True)
     else:  # ssv2
         if cfg.train_json and Path(cfg.train_json).is_file():
-            entries = json.loads(Path(cfg.train_json).read_text())
+            entries = _json(cfg.train_json, "train_json")
             if isinstance(entries, list):
                 return len(entries), cfg.train_json
-        where = f"train_json {cfg.train_json!r}"
-    raise ValueError(
-        f"training clips: {cfg.dataset} dataset not found ({where}); point the config at the "
-        "dataset, or pass --dry-run-clips N to assume a number"
+            got = f"no list of videos in {cfg.train_json!r} (train_json)"
+        else:
+            got = _absent("train_json", cfg.train_json)
+    raise UsageError(
+        "training clips", f"the {cfg.dataset} dataset's training split ({_WITHOUT_DATA})", got
     )
 
 
@@ -272,8 +318,9 @@ def compute_budget(
     """The compute and memory of training ``cfg``, without reading any video.
 
     Args:
-        cfg: the training config; its model is built (random weights unless ``pretrained``)
-            on the CPU.
+        cfg: the training config; its model is built on the CPU with random weights: the
+            pretrained weights it names (``pretrained``, ``pretrained_path``) are not loaded
+            and need not be there.
         num_classes: the head's classes; ``None``: from the config's dataset
             (:func:`resolve_num_classes`).
         train_clips: training clips per epoch to assume; ``None``: counted from the config's
@@ -291,16 +338,16 @@ def compute_budget(
     else:
         classes_source = "given"
     if num_classes < 1:
-        raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
+        raise UsageError("num_classes (--dry-run-classes)", ">= 1", str(num_classes))
     if train_clips is None:
         train_clips, clips_source = count_train_clips(cfg)
     else:
         clips_source = "assumed, not counted"
     if train_clips < 1:
-        raise ValueError(f"train_clips: expected >= 1, got {train_clips}")
+        raise UsageError("train_clips (--dry-run-clips)", ">= 1", str(train_clips))
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg, num_classes, random_weights=True)
     clip_shape = (1, cfg.num_frames, 3, cfg.crop_size, cfg.crop_size)
     report = model_report(model, clip_shape)
 
@@ -361,4 +408,15 @@ def compute_budget(
         gradient_bytes=gradients,
         optimizer_bytes=optimizer,
         step_bytes=activations + weights + gradients + optimizer,
+        weights_not_loaded=_configured_weights(cfg),
     )
+
+
+def _configured_weights(cfg: TrainConfig) -> str:
+    """The pretrained weights ``cfg`` would load in a real run, in words ("": none)."""
+    if cfg.pretrained_path:
+        there = "" if Path(cfg.pretrained_path).is_file() else ", not on this machine"
+        return f"{cfg.pretrained_path!r}{there}"
+    if cfg.pretrained:
+        return f"{cfg.backbone}'s from its weights package"
+    return ""

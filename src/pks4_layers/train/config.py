@@ -2,7 +2,9 @@
 
 Precedence: defaults < YAML file (``--config``) < command-line flags. YAML is read with
 ``yaml.safe_load`` only; an unknown key or a value of the wrong type is an error that names the
-key, never silently ignored.
+key, never silently ignored. Such mistakes raise :class:`~.errors.UsageError` (a ``ValueError``;
+``UsageTypeError`` for wrong types is also a ``TypeError``), which ``pks4-train`` prints as one
+line.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
+
+from .errors import (
+    MissingPathError,
+    UsageError,
+    UsageTypeError,
+    closest,
+    did_you_mean,
+    one_line,
+)
 
 DATASETS = ("benchmark", "folder", "ssv2")
 TEMPORAL_MODULES = ("pks4", "mean", "tconv")
@@ -126,21 +137,23 @@ class TrainConfig:
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+                hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
+                raise UsageError(name, f"one of {allowed}{hint}", repr(value))
         positive = ("num_frames", "crop_size", "short_side", "epochs", "batch_size")
         for name in positive + ("eval_clips", "eval_crops", "eval_every", "frame_stride"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+                raise UsageError(name, ">= 1", str(getattr(self, name)))
         if self.lr <= 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+            raise UsageError("lr", "> 0", str(self.lr))
         nonnegative = ("warmup_epochs", "grad_clip", "weight_decay", "drop_rate", "workers")
         for name in nonnegative + ("global_batch", "max_steps_per_epoch", "tune_last_blocks"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+                raise UsageError(name, ">= 0", str(getattr(self, name)))
         if self.tune_last_blocks and not self.freeze_backbone:
-            raise ValueError(
-                "tune_last_blocks: expected 0 with freeze_backbone false (the whole backbone "
-                f"trains already), got {self.tune_last_blocks}"
+            raise UsageError(
+                "tune_last_blocks",
+                "0 with freeze_backbone false (the whole backbone trains already)",
+                str(self.tune_last_blocks),
             )
         return self
 
@@ -152,9 +165,11 @@ class TrainConfig:
         if self.global_batch == 0:
             return 1
         if self.global_batch % per_pass:
-            raise ValueError(
-                f"global_batch: expected a multiple of batch_size x world size = "
-                f"{self.batch_size} x {world_size} = {per_pass}, got {self.global_batch}"
+            raise UsageError(
+                "global_batch",
+                f"a multiple of batch_size x world size = {self.batch_size} x {world_size} = "
+                f"{per_pass}",
+                str(self.global_batch),
             )
         return self.global_batch // per_pass
 
@@ -171,37 +186,68 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
 
 
+def _yaml_number_hint(value: Any, integer: bool = False) -> str:
+    """Why a number came as text: YAML 1.1 (PyYAML) reads ``5e-4`` (no dot) as a string, and a
+    quoted number is a string."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if integer:
+        return f" (text in YAML: write {int(number)})" if number.is_integer() else ""
+    if "e" in value.lower() and "." not in value:
+        mantissa, _, exponent = value.lower().partition("e")
+        return f" (YAML reads {value} as text: write {mantissa}.0e{exponent}, = {number:g})"
+    return " (a quoted number is text in YAML: drop the quotes)"
+
+
 def _check_type(key: str, value: Any, expected: type) -> Any:
     # bool is an int in Python: keep them apart, or `epochs: true` would pass as 1.
     if expected is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{key}: expected a boolean, got {value!r}")
+            raise UsageTypeError(key, "a boolean", f"{value!r} (write true or false)")
         return value
     if expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key}: expected an integer, got {value!r}")
+            hint = _yaml_number_hint(value, integer=True)
+            raise UsageTypeError(key, "an integer", f"{value!r}{hint}")
         return value
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{key}: expected a number, got {value!r}")
+            raise UsageTypeError(key, "a number", f"{value!r}{_yaml_number_hint(value)}")
         return float(value)
     if expected is str:
         if not isinstance(value, str):
-            raise TypeError(f"{key}: expected a string, got {value!r}")
+            raise UsageTypeError(key, "a string", repr(value))
         return value
+    # A field type this function does not know is the program's bug, not the user's.
     raise TypeError(f"{key}: unsupported field type {expected}")
 
 
-def config_from_mapping(values: dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:
+def config_from_mapping(
+    values: dict[str, Any], base: Optional[TrainConfig] = None, source: str = "config"
+) -> TrainConfig:
     """A config with ``values`` applied over ``base`` (defaults). Unknown keys and wrong types
-    raise, naming the key."""
+    raise :class:`~.errors.UsageError`, naming the key; ``source`` names where ``values``
+    came from (a YAML file) in the unknown-key message."""
     if not isinstance(values, dict):
         got = type(values).__name__
-        raise TypeError(f"config: expected a mapping of keys to values, got {got}")
+        raise UsageTypeError(source, "a mapping of keys to values", got)
     types = _field_types()
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(set(values) - set(types), key=str)
     if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {sorted(types)}")
+        # Flags are spelled with dashes, keys with underscores: a dashed key is looked up too.
+        hints = [
+            f"{match!r} for {key!r}"
+            for key in unknown
+            if (match := closest(str(key).replace("-", "_"), types))
+        ]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise UsageError(
+            source, f"only the keys that pks4-train --help lists{hint}", f"unknown key(s) {unknown}"
+        )
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     for key, value in values.items():
         setattr(cfg, key, _check_type(key, value, types[key]))
@@ -214,21 +260,61 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         import yaml
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("reading a YAML config needs PyYAML: pip install pyyaml") from err
+    if not Path(path).is_file():
+        got = "a folder" if Path(path).is_dir() else "no such file"
+        raise MissingPathError("config", "a YAML file", f"{str(path)!r} ({got})")
     text = Path(path).read_text()
     data = yaml.safe_load(text)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise TypeError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UsageTypeError(str(path), "a mapping at the top level", type(data).__name__)
     return data
 
 
+def _flag_value(kind: type, expected: str):
+    """An argparse ``type`` that says what it expected: argparse shows an
+    ``ArgumentTypeError``'s text as is (``argument --epochs: expected an integer, got 'x'``)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+_FLAG_TYPES = {int: _flag_value(int, "an integer"), float: _flag_value(float, "a number")}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (no usage block: ``--help`` has it) and a
+    suggestion for a mistyped flag."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+            hint = did_you_mean(flags[0], self._option_string_actions) if flags else ""
+            self.error(
+                f"arguments: expected the flags that {self.prog} --help lists{hint}, "
+                f"got unrecognized {' '.join(extras)!r}"
+            )
+        return namespace
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pks4-train",
         description="Train and evaluate a video classifier: a 2D backbone per frame, one "
         "temporal module (PKS4Block, a temporal conv or frame averaging), a linear head. "
-        "Runs unchanged under torchrun (DistributedDataParallel).",
+        "Runs unchanged under torchrun (DistributedDataParallel). A mistake in the flags, "
+        "the config or the files they name is reported on one line (exit status 2).",
     )
     parser.add_argument("--config", help="YAML file of keys below (flags override it)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --resume and exit")
@@ -236,19 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the parameters, FLOPs and step memory of the config and exit: builds the "
-        "model only, reads no video, writes nothing",
+        "model with random weights (pretrained weights are not loaded), reads no video, "
+        "writes nothing",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on a mistake in the flags, config or files, raise with the full traceback "
+        "instead of printing one line",
     )
     # Not config keys: they stand in for a dataset that is not on this machine.
     parser.add_argument(
         "--dry-run-classes",
-        type=int,
+        type=_FLAG_TYPES[int],
         default=None,
         metavar="N",
         help="--dry-run: number of classes (default: from the dataset's class list)",
     )
     parser.add_argument(
         "--dry-run-clips",
-        type=int,
+        type=_FLAG_TYPES[int],
         default=None,
         metavar="N",
         help="--dry-run: training clips per epoch to assume (default: counted from the "
@@ -262,16 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
             action = argparse.BooleanOptionalAction
             parser.add_argument(flag, dest=f.name, action=action, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=types[f.name], default=None, help=help_text)
+            kind = _FLAG_TYPES.get(types[f.name], types[f.name])
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of parsed flags: defaults < ``args.config``'s YAML < the flags given."""
+    cfg = TrainConfig()
+    if args.config:
+        cfg = config_from_mapping(load_yaml(args.config), cfg, source=str(args.config))
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    return config_from_mapping({k: v for k, v in flags.items() if v is not None}, cfg)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, argparse.Namespace]:
     """(config, namespace) from the command line: defaults < --config YAML < flags."""
     args = build_parser().parse_args(argv)
-    cfg = TrainConfig()
-    if args.config:
-        cfg = config_from_mapping(load_yaml(args.config), cfg)
-    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = config_from_mapping({k: v for k, v in flags.items() if v is not None}, cfg)
-    return cfg, args
+    return config_from_args(args), args

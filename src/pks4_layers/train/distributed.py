@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -41,9 +43,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        # torch's own message lists every device type it was built with, on many lines.
+        raise UsageError("device", "auto, cpu, cuda or cuda:N", repr(name)) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: expected an available device, got {name!r} (no CUDA here)")
+        raise UsageError("device", "an available device", f"{name!r} (no CUDA here)")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise UsageError("device", f"cuda:0 to cuda:{count - 1}", repr(name))
     return device
 
 

@@ -10,16 +10,22 @@ by DistributedDataParallel, metrics summed across ranks, and only rank 0 writes.
 Videos that cannot be decoded are skipped with a warning and counted per epoch
 (``train_skipped``, ``val_skipped`` in the records), or stop the run with
 ``on_bad_video="raise"``; see :func:`train_one_epoch` for what a step with no good clip does.
+
+Mistakes in the config or in the files it names (a missing folder, a dataset in another layout,
+weights or a checkpoint that do not fit the model) raise :class:`~.errors.UsageError` before
+any training starts: :func:`check_inputs` looks at every path first, so a run does not list a
+dataset for minutes to then stop at a missing weights file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import check_model_state, load_checkpoint, save_checkpoint
+from .checkpoint import check_checkpoint_fits, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     DistEnv,
@@ -37,6 +43,7 @@ from .distributed import (
     cleanup,
     init_distributed,
 )
+from .errors import MissingPathError, UsageError, did_you_mean, first_sentence, one_line
 from .metrics import plot_curves, topk_correct, write_metrics
 from .progress import Progress
 from .schedule import warmup_cosine
@@ -49,10 +56,129 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------------- inputs
+def _need_path(key: str, value: str, expected: str, folder: bool) -> None:
+    """Raises :class:`MissingPathError` unless config key ``key`` names an existing folder
+    (``folder``) or file."""
+    if not value:
+        raise MissingPathError(key, expected, "'' (not set)")
+    path = Path(value)
+    if folder and not path.is_dir():
+        got = "a file, not a folder" if path.exists() else "no such folder"
+        raise MissingPathError(key, expected, f"{value!r} ({got})")
+    if not folder and not path.is_file():
+        got = "a folder, not a file" if path.is_dir() else "no such file"
+        raise MissingPathError(key, expected, f"{value!r} ({got})")
+
+
+def check_inputs(cfg: TrainConfig, eval_only: bool = False) -> None:
+    """Every file and folder ``cfg`` names exists and the backbone can be built, or a
+    :class:`~.errors.UsageError` names the first that does not; reads no video and no weights.
+    The generated benchmark's ``data_root`` is where it is written, so it is not checked."""
+    if cfg.dataset == "folder":
+        layout = "a folder of class folders (<class>/<video>.mp4)"
+        _need_path("data_root", cfg.data_root, layout, folder=True)
+        if cfg.val_root:
+            _need_path("val_root", cfg.val_root, layout, folder=True)
+        files = {
+            "train_split": "a split file (<class>/<video> per line)",
+            "val_split": "a split file (<class>/<video> per line)",
+            "classes_file": "a class index file ('<id> <class>' per line)",
+        }
+        for key, expected in files.items():
+            if getattr(cfg, key):
+                _need_path(key, getattr(cfg, key), expected, folder=False)
+    elif cfg.dataset == "ssv2":
+        key = "video_dir" if cfg.video_dir else "data_root"
+        _need_path(key, getattr(cfg, key), "a folder of SSv2 <id>.webm videos", folder=True)
+        jsons = {
+            "labels_json": "the SSv2 labels json (labels.json)",
+            "train_json": "the SSv2 training split json (train.json)",
+            "val_json": "the SSv2 validation split json (validation.json)",
+        }
+        for key, expected in jsons.items():
+            _need_path(key, getattr(cfg, key), expected, folder=False)
+    if cfg.pretrained_path:
+        expected = f"a weights file of {cfg.backbone}"
+        _need_path("pretrained_path", cfg.pretrained_path, expected, folder=False)
+    if cfg.resume and cfg.resume != "auto":
+        _need_path("resume", cfg.resume, "a checkpoint file (or 'auto')", folder=False)
+    elif eval_only and not cfg.resume:
+        raise UsageError("resume", "a checkpoint to evaluate with --eval-only", "none")
+    check_backbone(cfg, load_weights=True)
+
+
+def check_backbone(cfg: TrainConfig, load_weights: bool = True) -> None:
+    """``cfg.backbone`` names a model that can be built offline with its ``pretrained``
+    setting, or :class:`~.errors.UsageError` says why not (with the closest model name for a
+    typo). ``load_weights``: the weights will be loaded (their package must be installed)."""
+    from ..models.backbone import TORCHVISION_RESNETS
+
+    name = cfg.backbone
+    if name.startswith("tv_"):
+        names = ["tv_" + arch for arch in TORCHVISION_RESNETS]
+        if name not in names:
+            raise UsageError("backbone", f"one of {names}{did_you_mean(name, names)}", repr(name))
+        if cfg.pretrained or cfg.pretrained_path:
+            raise UsageError(
+                "pretrained",
+                "false for a torchvision backbone (this library downloads nothing)",
+                "pretrained weights for " + repr(name),
+            )
+        return
+    if name.startswith(("hf-hub:", "hf_hub:", "http://", "https://")):
+        raise UsageError(
+            "backbone", "a local timm architecture name (a hub reference needs the network)", name
+        )
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(
+            "backbone",
+            f"timm installed to build {name!r} (pip install 'pks4-layers[timm]')",
+            "no timm",
+        ) from None
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        hint = did_you_mean(arch, timm.list_models())
+        raise UsageError("backbone", f"a timm model name or tv_<resnet>{hint}", repr(name))
+    if tag:
+        tagged = timm.list_pretrained(f"{arch}.*")
+        if name not in tagged:
+            tags = [t.split(".", 1)[1] for t in tagged]
+            shown = ", ".join(tags[:6]) + (", ..." if len(tags) > 6 else "")
+            known = (
+                f"one of the {len(tags)} tags timm knows for {arch} ({shown})"
+                if tags
+                else (f"no tag: timm knows none for {arch}")
+            )
+            raise UsageError("backbone", f"{known}{did_you_mean(tag, tags)}", repr(tag))
+    if cfg.pretrained and not cfg.pretrained_path:
+        if name != "efficientnet_lite0":
+            raise UsageError(
+                "pretrained",
+                "true only for efficientnet_lite0 (nothing downloads: for another backbone set "
+                "pretrained_path to a local weights file)",
+                f"true for {name!r}",
+            )
+        if load_weights:
+            from ..models.pretrained import efficientnet_lite0_checkpoint
+
+            try:
+                efficientnet_lite0_checkpoint()
+            except (ImportError, FileNotFoundError) as err:
+                # The message names the package and the pip command that installs it.
+                raise UsageError(
+                    "pretrained", "efficientnet_lite0's weights package", one_line(str(err))
+                ) from err
+
+
 # ----------------------------------------------------------------------------------- data
 def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]]:
     """(train samples, val samples, class names) for the config's dataset layout."""
-    from ..data import folder_samples, make_benchmark, ssv2_samples
+    from ..data import folder_samples, make_benchmark
 
     if cfg.dataset == "benchmark":
         # Global rank 0 writes the generated videos; the others wait, then find them (the call
@@ -81,15 +207,33 @@ def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]
         videos, classes_file = root / "videos", root / "classInd.txt"
         train, classes = folder_samples(videos, root / "trainlist.txt", classes_file)
         val, _ = folder_samples(videos, root / "testlist.txt", classes_file)
-    elif cfg.dataset == "folder":
+    else:
+        try:
+            train, val, classes = _dataset_samples(cfg)
+        except UsageError:
+            raise
+        except (FileNotFoundError, ValueError) as err:
+            # The sample lists come from the user's folders and files only: what they reject
+            # (a missing video, a line in another format, a wrong layout) is a usage error.
+            kind = MissingPathError if isinstance(err, FileNotFoundError) else UsageError
+            raise kind.from_error(err) from err
+    return train, val, classes
+
+
+def _dataset_samples(cfg: TrainConfig) -> tuple[list, list, list[str]]:
+    """The samples of a folder or ssv2 dataset."""
+    from ..data import folder_samples, ssv2_samples
+
+    if cfg.dataset == "folder":
         classes_file = cfg.classes_file or None
         train, classes = folder_samples(cfg.data_root, cfg.train_split or None, classes_file)
         val_root = cfg.val_root or cfg.data_root
         val, val_classes = folder_samples(val_root, cfg.val_split or None, classes_file)
         if list(val_classes) != list(classes):
-            raise ValueError(
-                f"val_root: expected the class folders of data_root ({len(classes)} classes), "
-                f"got {len(val_classes)} different ones in {val_root!r} (pass classes_file)"
+            raise UsageError(
+                "val_root",
+                f"the class folders of data_root ({len(classes)} classes)",
+                f"{len(val_classes)} different ones in {val_root!r} (pass classes_file)",
             )
     else:  # ssv2
         video_dir = cfg.video_dir or cfg.data_root
@@ -173,21 +317,79 @@ def _unpack(batch: Any) -> tuple[Optional[Tensor], Optional[Tensor], int]:
 
 
 # ---------------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, random_weights: bool = False) -> nn.Module:
+    """The config's classifier. ``random_weights``: the same architecture without loading the
+    pretrained weights (``--dry-run``: needs neither the weights file nor its package)."""
     from ..models import PKS4VideoClassifier
 
-    model = PKS4VideoClassifier(
-        cfg.backbone,
-        num_classes=num_classes,
-        num_frames=cfg.num_frames,
-        temporal=cfg.temporal,
-        freeze_backbone=cfg.freeze_backbone,
-        drop_rate=cfg.drop_rate,
-        pretrained=cfg.pretrained_path or cfg.pretrained,
-    )
+    check_backbone(cfg, load_weights=not random_weights)
+    backbone: Union[str, nn.Module] = cfg.backbone
+    pretrained: Union[bool, str] = cfg.pretrained_path or cfg.pretrained
+    if random_weights:
+        pretrained = False
+        if cfg.pretrained and not cfg.pretrained_path and cfg.backbone == "efficientnet_lite0":
+            from ..models.pretrained import efficientnet_lite0
+
+            # Its weights go into timm's tf_efficientnet_lite0 (TensorFlow "same" padding),
+            # not efficientnet_lite0: build that architecture, without them.
+            backbone = efficientnet_lite0(pretrained=False)
+    try:
+        model = PKS4VideoClassifier(
+            backbone,
+            num_classes=num_classes,
+            num_frames=cfg.num_frames,
+            temporal=cfg.temporal,
+            freeze_backbone=cfg.freeze_backbone,
+            drop_rate=cfg.drop_rate,
+            pretrained=pretrained,
+        )
+    except Exception as err:
+        usage = _weights_file_error(cfg, err) if isinstance(pretrained, str) else None
+        if usage is None:
+            raise
+        raise usage from err
     if cfg.tune_last_blocks:
-        model.tune_last_blocks(cfg.tune_last_blocks)
+        try:
+            model.tune_last_blocks(cfg.tune_last_blocks)
+        except ValueError as err:
+            # A backbone without timm's blocks, or fewer blocks than asked: the config's value.
+            usage = UsageError.from_error(err)
+            raise UsageError("tune_last_blocks", usage.expected, usage.got) from err
     return model
+
+
+# A line of torch's load_state_dict error: "size mismatch for bn1.weight: copying a param with
+# shape torch.Size([64]) from checkpoint, the shape in current model is torch.Size([32])."
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+    r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _weights_file_error(cfg: TrainConfig, err: Exception) -> Optional[UsageError]:
+    """A :class:`UsageError` when building the backbone failed on ``cfg.pretrained_path``
+    (tensors of another model, a file that is not weights); ``None`` when the file reads and
+    the failure is something else, which stays a bug with its traceback."""
+    path, expected = cfg.pretrained_path, f"weights of {cfg.backbone}"
+    text = str(err)
+    if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in text:
+        sizes = _SIZE_MISMATCH.findall(text)
+        if sizes:
+            name, theirs, ours = sizes[0]
+            got = f"{len(sizes)} tensor(s) of other shapes, e.g. {name}: {theirs} in the file, "
+            got += f"{ours} in the model"
+        else:
+            got = first_sentence(text.split("\n", 1)[-1])  # missing / unexpected keys
+        return UsageError("pretrained_path", expected, f"{path!r}, which does not fit: {got}")
+    try:
+        from timm.models import load_state_dict
+
+        load_state_dict(path)
+    except Exception as probe:
+        reason = first_sentence(str(probe)) or type(probe).__name__
+        got = f"{path!r}, not a readable weights file ({reason})"
+        return UsageError("pretrained_path", expected, got)
+    return None
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -398,6 +600,7 @@ def run(cfg: TrainConfig, eval_only: bool = False) -> RunResult:
     """Trains (or, with ``eval_only``, evaluates ``cfg.resume``) and returns the model, the
     per-epoch history and a summary. Joins a process group when launched by torchrun."""
     cfg.validate()
+    check_inputs(cfg, eval_only)
     env = init_distributed(cfg.device)
     try:
         return _run(cfg, env, eval_only)
@@ -434,10 +637,11 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         accum_steps=accum_steps,
     )
     if len(train_sampler) == 0:
-        raise ValueError(
-            f"batch_size: expected a global batch of at most {len(train_ds)} training clips, "
-            f"got batch_size {cfg.batch_size} x world size {env.world_size} x "
-            f"{accum_steps} accumulation step(s) = {global_batch}"
+        raise UsageError(
+            "batch_size",
+            f"a global batch of at most {len(train_ds)} training clips",
+            f"batch_size {cfg.batch_size} x world size {env.world_size} x "
+            f"{accum_steps} accumulation step(s) = {global_batch}",
         )
     val_sampler = ShardedSampler(len(val_ds), False, rank=env.rank, world_size=env.world_size)
     train_loader = _loader(train_ds, train_sampler, cfg, env)
@@ -477,16 +681,32 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         _check_same_resume(bool(resume), env)
     if resume:
         state = load_checkpoint(resume)
-        check_model_state(model, state["model"], resume)
+        training = not eval_only
+        check_checkpoint_fits(model, state, resume, cfg.to_dict(), classes, training)
         model.load_state_dict(state["model"])
-        if not eval_only:
+        if training:
             _warn_if_global_batch_changed(state, global_batch, resume, env)
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except ValueError as err:
+                # The weights fit but another set of them trains (freeze_backbone,
+                # tune_last_blocks changed since the checkpoint).
+                saved = state.get("config") or {}
+                keys = ("freeze_backbone", "tune_last_blocks")
+                then = ", ".join(f"{k} {saved.get(k, '?')}" for k in keys)
+                now = ", ".join(f"{k} {getattr(cfg, k)}" for k in keys)
+                raise UsageError(
+                    f"resume {resume}",
+                    f"optimizer state for this run's trainable parameters ({now})",
+                    f"one for others ({then}): {one_line(str(err))}",
+                ) from err
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = int(state["epoch"])
             history = list(state.get("history", []))
     elif eval_only:
-        raise ValueError("resume: --eval-only needs a checkpoint to evaluate (--resume PATH)")
+        raise UsageError(
+            "resume", "a checkpoint to evaluate with --eval-only", f"none in {str(out_dir)!r}"
+        )
 
     base = _unwrap(model)
     if env.distributed:
@@ -578,10 +798,11 @@ def _check_same_resume(found: bool, env: DistEnv) -> None:
         return
     count = int(all_reduce_sum(torch.tensor([float(found)]), env).item())
     if count not in (0, env.world_size):
-        raise ValueError(
-            f"resume: expected 'auto' to find output_dir's checkpoint on all {env.world_size} "
-            f"processes or on none, got {count}; a run over several nodes needs output_dir "
-            "on a file system they share"
+        raise UsageError(
+            "resume",
+            f"'auto' to find output_dir's checkpoint on all {env.world_size} processes or on "
+            "none (a run over several nodes needs output_dir on a file system they share)",
+            f"{count} of {env.world_size}",
         )
 
 

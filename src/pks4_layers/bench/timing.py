@@ -15,7 +15,8 @@
 * ``arg_*`` argument types shared by the scripts' command lines, :func:`progress` and
   :func:`short_reason` for their progress lines and error cells.
 
-The benchmarks import this file as ``_timing`` (they run as scripts from this folder).
+``pks4-bench`` (:mod:`pks4_layers.bench.scan_speed`) and the checkout's ``benchmarks/memory.py``
+share them.
 """
 
 from __future__ import annotations
