@@ -333,14 +333,28 @@ def compute_budget(
     from .engine import build_model
 
     cfg.validate()
+    # The flags first, then the data when it is here, then the dataset's size the config
+    # states (a recipe for a dataset that is not on this machine).
     if num_classes is None:
-        num_classes, classes_source = resolve_num_classes(cfg)
+        try:
+            num_classes, classes_source = resolve_num_classes(cfg)
+        except UsageError:
+            if cfg.dataset_classes <= 0:
+                raise
+            num_classes = cfg.dataset_classes
+            classes_source = "dataset_classes of the config (the data is not here)"
     else:
         classes_source = "given"
     if num_classes < 1:
         raise UsageError("num_classes (--dry-run-classes)", ">= 1", str(num_classes))
     if train_clips is None:
-        train_clips, clips_source = count_train_clips(cfg)
+        try:
+            train_clips, clips_source = count_train_clips(cfg)
+        except UsageError:
+            if cfg.dataset_train_clips <= 0:
+                raise
+            train_clips = cfg.dataset_train_clips
+            clips_source = "dataset_train_clips of the config (the data is not here)"
     else:
         clips_source = "assumed, not counted"
     if train_clips < 1:

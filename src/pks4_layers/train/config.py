@@ -57,6 +57,14 @@ class TrainConfig:
     train_json: str = field(default="", metadata={"help": "ssv2: train split json"})
     val_json: str = field(default="", metadata={"help": "ssv2: validation split json"})
     labels_json: str = field(default="", metadata={"help": "ssv2: labels json"})
+    dataset_classes: int = field(
+        default=0,
+        metadata={"help": "--dry-run without the data here: the dataset's classes (0: unknown)"},
+    )
+    dataset_train_clips: int = field(
+        default=0,
+        metadata={"help": "--dry-run without the data here: its training clips (0: unknown)"},
+    )
     num_frames: int = field(default=8, metadata={"help": "frames T per clip"})
     sampling: str = field(default="segment", metadata={"help": "segment or dense"})
     frame_stride: int = field(default=4, metadata={"help": "dense sampling: frame stride"})
