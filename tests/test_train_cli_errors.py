@@ -3,22 +3,27 @@
 traceback instead, and a bug keeps its traceback (status 1). ``--dry-run`` needs neither the
 data nor the pretrained weights.
 
-Each case runs the CLI in its own process on tiny inputs: empty files named like videos (the
+Each case runs the CLI's ``main`` on tiny inputs (in its own process where the traceback or
+the network matters): empty files named like videos (the
 errors come before anything is decoded), checkpoints of a small random EfficientNet-Lite0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import pks4_layers.train.cli as cli_module
 from pks4_layers.train import TrainConfig
 from pks4_layers.train.checkpoint import save_checkpoint
 
@@ -42,14 +47,35 @@ SMALL_FLAGS = [
 ]  # fmt: skip
 
 
-def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m pks4_layers.train ARGS`` in ``cwd``; warnings (a kernel build note) off, so
-    stderr holds the error alone."""
+def cli_process(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m pks4_layers.train ARGS`` in ``cwd``, in its own process (for what needs one:
+    a traceback on stderr, the console entry); warnings (a kernel build note) off, so stderr
+    holds the error alone."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     argv = [sys.executable, "-m", "pks4_layers.train", *args]
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``pks4-train ARGS`` in ``cwd``, in this process: the CLI's ``main`` with its stdout and
+    stderr captured and argparse's exits turned into a status (a process per case would spend
+    most of its time importing torch)."""
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    status = cli_module.main(list(args))
+                except SystemExit as exc:  # argparse
+                    status = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
 
 
 def usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -233,7 +259,7 @@ def test_pretrained_weights_of_another_model_are_one_line(work, checkpoints):
 
 # -------------------------------------------------------------------- --debug, genuine bugs
 def test_debug_shows_the_traceback(work):
-    proc = cli("--config", "absent.yaml", "--debug", cwd=work)
+    proc = cli_process("--config", "absent.yaml", "--debug", cwd=work)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" in proc.stderr and "MissingPathError" in proc.stderr
     assert not proc.stderr.startswith(PREFIX)
