@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint bench results gpu-check clean
+.PHONY: setup test lint bench results gpu-check lowest-torch clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ GPU_CHECK_OUT ?= gpu_check_out
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) \
 		$(if $(MAMBA_SDIST),--mamba-sdist $(MAMBA_SDIST))
+
+# The op, layer and torch.compile tests on the lowest torch pyproject.toml claims (torch 2.4.0),
+# in a scratch venv outside the checkout (about 2.7 GB of wheels the first time);
+# TORCH_VERSION=2.5.1 make lowest-torch tries another release.
+lowest-torch:
+	bash tools/lowest_torch.sh
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

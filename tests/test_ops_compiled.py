@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import pks4_layers
 from pks4_layers.ops import mamba_backend, motion_scan
-from pks4_layers.ops.motion_scan import backend_status, resolve_backend
+from pks4_layers.ops.motion_scan import resolve_backend
 from scan_cases import (
     COMPILED_BACKENDS,
     INPUT_NAMES,
@@ -47,6 +47,10 @@ from scan_cases import (
 from tolerances import assert_close
 
 # The module itself: the package attribute ``pks4_layers.ops.motion_scan`` is the function.
+# Its ``backend_status`` is reached through it, never imported here by name: torch 2.5's dynamo
+# stores the result of an ``assume_constant_result`` function under the function's own name in
+# the globals of the module being compiled (this one, for the functions compiled below),
+# replacing a global of that name.
 motion_scan_module = importlib.import_module("pks4_layers.ops.motion_scan")
 
 # The op's argument order (its schema), for calling it directly.
@@ -263,6 +267,27 @@ def test_compile_fullgraph_when_the_first_call_is_compiled(
 
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     assert_close(compiled(**inputs), motion_scan(**inputs, backend="cpu"))
+
+
+@pytest.mark.slow
+def test_compiling_motion_scan_itself_leaves_the_module_intact(
+    fresh_dynamo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.compile(motion_scan)``: the trace starts in the module that defines the
+    ``assume_constant_result`` helpers. Dynamo before torch 2.6 stored their results under the
+    helpers' own names in that module's globals, so ``backend_status`` became a tuple there and
+    every later eager call failed ("'tuple' object is not callable")."""
+    device_for("cpu")
+    monkeypatch.delenv("PKS4_BACKEND", raising=False)
+    # Restored at teardown whatever happens, so that a failure here does not spread.
+    for name in ("backend_status", "_fallback"):
+        monkeypatch.setattr(motion_scan_module, name, getattr(motion_scan_module, name))
+    inputs = make_inputs((1, 3, 2, 4, 2), torch.float32, seed=73)
+    compiled = torch.compile(motion_scan, fullgraph=True, backend="eager")
+    y_c = compiled(**inputs)
+    for name in ("backend_status", "_fallback"):
+        assert callable(getattr(motion_scan_module, name)), f"{name} was replaced while tracing"
+    assert_close(motion_scan(**inputs), y_c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,7 +565,7 @@ def test_mamba_backend_unavailable_says_why() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_cuda_backend_unavailable_without_gpu_says_why() -> None:
-    assert backend_status("cuda")[0] is False
+    assert motion_scan_module.backend_status("cuda")[0] is False
     with pytest.raises(RuntimeError, match=r"backend 'cuda' is unavailable: .*CUDA"):
         resolve_backend("cuda", torch.device("cuda"), torch.float32)
 

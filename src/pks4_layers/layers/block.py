@@ -245,12 +245,15 @@ class PKS4Block(nn.Module):
         check_same_device("x", x, "the block's parameters", self.norm.weight)
         check_same_dtype("x", x, "the block's parameters", self.norm.weight)
         h = self.norm(x)
+        # narrow, not h[:, :, prefix:]: under torch 2.5's export a full slice of the batch
+        # dimension adds a guard that an unbounded dynamic batch violates.
+        spatial = h.narrow(2, prefix, h.shape[2] - prefix)
         if stream:
             prior, prior_state = self.prior.step(
-                h[:, :, prefix:], grid, None if state is None else state.prior
+                spatial, grid, None if state is None else state.prior
             )
         else:
-            prior = self.prior(h[:, :, prefix:], grid)
+            prior = self.prior(spatial, grid)
         if prefix:
             no_motion = prior.new_zeros(*prior.shape[:2], prefix, prior.shape[-1])
             prior = torch.cat([no_motion, prior], dim=2)

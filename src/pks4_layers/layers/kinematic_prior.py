@@ -185,7 +185,7 @@ class KinematicPriorEncoder(nn.Module):
             boundaries = self._difference_cues(x, H, W, state, keep, diff)
             # Copies, not views: the state must not keep the whole chunk alive.
             corr, diff = corr[:, -1].clone(), diff[:, -1].clone()
-        has_previous = keep.to(x.dtype)[:, :, None, None].expand(Bsz, T, L, 1)
+        has_previous = keep.to(x.dtype)[..., None, None].expand(Bsz, T, L, 1)
         prior = self.fuse(torch.cat([motion, has_previous, boundaries], dim=-1))
         return prior, corr, diff
 
@@ -208,11 +208,14 @@ class KinematicPriorEncoder(nn.Module):
             return first
         if feats is None:
             feats = F.normalize(self.corr_reduce(x), dim=-1)
+        # Frames t >= 1 and t - 1 by narrow, not feats[:, 1:]: under torch 2.5's export a full
+        # slice of the batch dimension adds a guard that an unbounded dynamic batch violates.
         if state is None:
-            current, previous = feats[:, 1:], feats[:, :-1]
+            current, previous = feats.narrow(1, 1, T - 1), feats.narrow(1, 0, T - 1)
         else:
             current = feats
-            previous = torch.cat([state.previous_corr[:, None].to(feats.dtype), feats[:, :-1]], 1)
+            stored = state.previous_corr.unsqueeze(1).to(feats.dtype)
+            previous = torch.cat([stored, feats.narrow(1, 0, T - 1)], 1)
         cost = local_correlation(
             rearrange(current, "b t (h w) c -> (b t) c h w", h=H, w=W),
             rearrange(previous, "b t (h w) c -> (b t) c h w", h=H, w=W),
@@ -234,7 +237,7 @@ class KinematicPriorEncoder(nn.Module):
             return torch.cat([first, later], dim=1)
         # A stream's first frame has no predecessor either: the same zeros, whatever the
         # (zero) stored features gave.
-        return torch.where(keep[:, :, None, None], later, first.new_zeros(()))
+        return torch.where(keep[..., None, None], later, first.new_zeros(()))
 
     def _difference_cues(
         self,
@@ -249,15 +252,20 @@ class KinematicPriorEncoder(nn.Module):
         :meth:`_displacement_cues`, ``reduced`` the chunk's ``diff_reduce(x)``."""
         if reduced is None:
             reduced = self.diff_reduce(x)  # (B, T, L, diff_dim)
+        T = reduced.shape[1]
+        # narrow, not slices: see _displacement_cues.
         if state is None:
             diff = torch.cat(
-                [torch.zeros_like(reduced[:, :1]), reduced[:, 1:] - reduced[:, :-1]], 1
+                [
+                    torch.zeros_like(reduced.narrow(1, 0, 1)),
+                    reduced.narrow(1, 1, T - 1) - reduced.narrow(1, 0, T - 1),
+                ],
+                1,
             )
         else:
-            previous = torch.cat(
-                [state.previous_diff[:, None].to(reduced.dtype), reduced[:, :-1]], 1
-            )
-            diff = torch.where(keep[:, :, None, None], reduced - previous, reduced.new_zeros(()))
+            stored = state.previous_diff.unsqueeze(1).to(reduced.dtype)
+            previous = torch.cat([stored, reduced.narrow(1, 0, T - 1)], 1)
+            diff = torch.where(keep[..., None, None], reduced - previous, reduced.new_zeros(()))
         maps = rearrange(diff, "b t (h w) c -> (b t) c h w", h=H, w=W)
         edges = F.gelu(self.diff_conv(maps))
         return rearrange(edges, "(b t) c h w -> b t (h w) c", b=x.shape[0])

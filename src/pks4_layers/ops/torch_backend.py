@@ -55,9 +55,11 @@ class _MotionScanFn(torch.autograd.Function):
         h = _initial(initial_state, u_c, A.shape[1])
 
         y = torch.empty_like(u_c)
+        # Step t is X.select(1, t), the same view as X[:, t]: under torch 2.5's export the slice
+        # ":" of the batch dimension adds a guard that an unbounded dynamic batch violates.
         for t in _scan_order(T, reverse):
-            h = _step(h, dt[:, t], u_c[:, t], A_c, B_c[:, t])
-            y[:, t] = _read(h, C_c[:, t])
+            h = _step(h, dt.select(1, t), u_c.select(1, t), A_c, B_c.select(1, t))
+            y.select(1, t).copy_(_read(h, C_c.select(1, t)))
         if D is not None:
             y = y + u_c * D.to(ct)
         if z is not None:
@@ -103,34 +105,37 @@ class _MotionScanFn(torch.autograd.Function):
         for p, t in enumerate(order):
             if p % K == 0:
                 checkpoints.append(h)
-            h = _step(h, dt[:, t], u_c[:, t], A_c, B_c[:, t])
+            h = _step(h, dt.select(1, t), u_c.select(1, t), A_c, B_c.select(1, t))
 
         gh = grad_last.to(ct).clone() if grad_last is not None else torch.zeros_like(h)
         # sum over steps of d loss / d (dt_t * A) * dt_t, reduced over (batch, L) once at the end
         grad_A_acc = torch.zeros_like(gh)
         for s in range(len(checkpoints) - 1, -1, -1):
-            positions = range(s * K, min(T, (s + 1) * K))
+            # Scan positions first..first+n-1. Plain ints, no range object indexed: torch 2.4's
+            # Dynamo (tracing this backward in torch.export) indexes a range wrongly.
+            first, n = s * K, min(T, (s + 1) * K) - s * K
             states, decays = [checkpoints[s]], []
-            for p in positions:
+            for p in range(first, first + n):
                 t = order[p]
-                decays.append(_decay(dt[:, t], A_c))
-                states.append(_update(states[-1], decays[-1], dt[:, t], u_c[:, t], B_c[:, t]))
-            for i in range(len(positions) - 1, -1, -1):
-                t = order[positions[i]]
+                dt_t, u_t = dt.select(1, t), u_c.select(1, t)
+                decays.append(_decay(dt_t, A_c))
+                states.append(_update(states[-1], decays[-1], dt_t, u_t, B_c.select(1, t)))
+            for i in range(n - 1, -1, -1):
+                t = order[first + i]
                 h_prev, h_t, decay = states[i], states[i + 1], decays[i]
-                dt_t, u_t, gy_t = dt[:, t], u_c[:, t], gy_ssm[:, t]
+                dt_t, u_t, gy_t = dt.select(1, t), u_c.select(1, t), gy_ssm.select(1, t)
                 if y_ssm is not None:
-                    y_ssm[:, t] = _read(h_t, C_c[:, t])
+                    y_ssm.select(1, t).copy_(_read(h_t, C_c.select(1, t)))
                 # y_t = <C_t, h_t>: the read adds to the state's gradient.
-                grad_C[:, t] = torch.matmul(gy_t.unsqueeze(-2), h_t).squeeze(-2)
-                gh.addcmul_(gy_t.unsqueeze(-1), C_c[:, t].unsqueeze(-2))
+                grad_C.select(1, t).copy_(torch.matmul(gy_t.unsqueeze(-2), h_t).squeeze(-2))
+                gh.addcmul_(gy_t.unsqueeze(-1), C_c.select(1, t).unsqueeze(-2))
                 # h_t = exp(dt_t A) h_prev + dt_t u_t B_t
                 g_log_decay = h_prev.mul(decay).mul_(gh)  # d loss / d (dt_t * A)
                 grad_A_acc.addcmul_(g_log_decay, dt_t.unsqueeze(-1))
-                g_write = _read(gh, B_c[:, t])  # d loss / d (dt_t u_t)
-                grad_B[:, t] = torch.matmul((dt_t * u_t).unsqueeze(-2), gh).squeeze(-2)
-                grad_dt[:, t] = g_log_decay.mul_(A_c).sum(-1).addcmul_(g_write, u_t)
-                grad_u[:, t] += g_write * dt_t
+                g_write = _read(gh, B_c.select(1, t))  # d loss / d (dt_t u_t)
+                grad_B.select(1, t).copy_(torch.matmul((dt_t * u_t).unsqueeze(-2), gh).squeeze(-2))
+                grad_dt.select(1, t).copy_(g_log_decay.mul_(A_c).sum(-1).addcmul_(g_write, u_t))
+                grad_u.select(1, t).add_(g_write * dt_t)
                 gh.mul_(decay)
             del states, decays
         grad_A = grad_A_acc.sum(dim=(0, 1))
