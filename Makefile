@@ -61,9 +61,9 @@ gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) \
 		$(if $(MAMBA_SDIST),--mamba-sdist $(MAMBA_SDIST))
 
-# The op, layer and torch.compile tests on the lowest torch pyproject.toml claims (torch 2.4.0),
+# The op, layer and torch.compile tests on the lowest torch pyproject.toml claims (torch 2.6.0),
 # in a scratch venv outside the checkout (about 2.7 GB of wheels the first time);
-# TORCH_VERSION=2.5.1 make lowest-torch tries another release.
+# TORCH_VERSION=2.8.0 make lowest-torch tries another release.
 lowest-torch:
 	bash tools/lowest_torch.sh
 

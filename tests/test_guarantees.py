@@ -45,6 +45,7 @@ needs_cpu_kernel = pytest.mark.skipif(
     not HAS_CPU_KERNEL, reason="the compiled cpu scan is unavailable here"
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_TORCH = torch.torch_version.TorchVersion(torch.__version__)
 
 DIM, T, GRID = 16, 5, (4, 3)
 CLASSES, FRAMES, SIZE = 5, 4, 32
@@ -437,6 +438,12 @@ def test_export_program_on_torch_backend_matches_eager(kind: str) -> None:
         torch.testing.assert_close(loaded.module()(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+    (2, 6) <= _TORCH < (2, 8),
+    reason=f"torch {torch.__version__}: torch.export of an autograd.Function (the torch "
+    "backend) with a dynamic batch fails in torch 2.6 and 2.7 (Dynamo: source of the batch "
+    "symbol is None when lifting it to the top level); the compiled op exports with one",
+)
 def test_export_torch_backend_with_dynamic_batch() -> None:
     block = make_block().eval()
     program = export_program(block, block_input(batch=2), dynamic_shapes={"x": {0: Dim("b")}})

@@ -109,7 +109,7 @@ def test_wheel_is_pure_python_with_the_kernel_sources(dists: dict[str, Path]) ->
     assert f"Version: {pks4_layers.__version__}\n" in metadata
     assert "License-Expression: Apache-2.0\n" in metadata
     assert "License-File: LICENSE\n" in metadata
-    assert "Requires-Dist: torch>=2.4\n" in metadata
+    assert "Requires-Dist: torch>=2.6\n" in metadata
     assert "Description-Content-Type: text/markdown" in metadata
     assert "pks4-train = pks4_layers.train.cli:main" in entry_points
     assert "pks4-bench = pks4_layers.bench.scan_speed:main" in entry_points
