@@ -406,7 +406,8 @@ def kernel_times(shape: str, repeats: int = 20) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pks4_layers.bench.scan_speed import make_scan_inputs
+    from pks4_layers.bench.scan_speed import make_scan_inputs, scan_traffic_bytes
+    from pks4_layers.bench.scan_speed import parse_args as parse_speed_args
     from pks4_layers.ops.build import load
 
     status = load("cuda")
@@ -485,14 +486,9 @@ def kernel_times(shape: str, repeats: int = 20) -> dict[str, Any]:
     if calls_error:
         result["mamba_error"] = calls_error[:300]
 
-    # The floor: the forward's compulsory traffic over a large copy's bandwidth.
-    item = dtype.itemsize
-    tokens = dims["batch"] * dims["frames"] * dims["locations"]
-    traffic = (
-        4 * tokens * dims["dim"] * item
-        + 2 * tokens * dims["state"] * item
-        + dims["batch"] * dims["locations"] * dims["dim"] * dims["state"] * 4
-    )
+    # The floor: the forward's compulsory traffic (as scan_speed.py counts it) over a large
+    # copy's bandwidth.
+    traffic = scan_traffic_bytes(parse_speed_args(SPEED_SHAPES[shape]))
     src = torch.empty(max(traffic, 2**30) // 4, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):

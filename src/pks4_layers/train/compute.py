@@ -252,6 +252,20 @@ def count_train_clips(cfg: TrainConfig) -> tuple[int, str]:
     )
 
 
+def _from_data_or_config(
+    count: Callable[[TrainConfig], tuple[int, str]], cfg: TrainConfig, key: str
+) -> tuple[int, str]:
+    """``count(cfg)`` from the data; where the data is not here, the size the config states
+    under ``key`` (when it states one), else ``count``'s :class:`~.errors.UsageError`."""
+    try:
+        return count(cfg)
+    except UsageError:
+        stated = getattr(cfg, key)
+        if stated <= 0:
+            raise
+        return stated, f"{key} of the config (the data is not here)"
+
+
 # ------------------------------------------------------------------------- activation memory
 def _storage_key(t: Tensor) -> tuple[str, int, int]:
     storage = t.untyped_storage()
@@ -336,25 +350,17 @@ def compute_budget(
     # The flags first, then the data when it is here, then the dataset's size the config
     # states (a recipe for a dataset that is not on this machine).
     if num_classes is None:
-        try:
-            num_classes, classes_source = resolve_num_classes(cfg)
-        except UsageError:
-            if cfg.dataset_classes <= 0:
-                raise
-            num_classes = cfg.dataset_classes
-            classes_source = "dataset_classes of the config (the data is not here)"
+        num_classes, classes_source = _from_data_or_config(
+            resolve_num_classes, cfg, "dataset_classes"
+        )
     else:
         classes_source = "given"
     if num_classes < 1:
         raise UsageError("num_classes (--dry-run-classes)", ">= 1", str(num_classes))
     if train_clips is None:
-        try:
-            train_clips, clips_source = count_train_clips(cfg)
-        except UsageError:
-            if cfg.dataset_train_clips <= 0:
-                raise
-            train_clips = cfg.dataset_train_clips
-            clips_source = "dataset_train_clips of the config (the data is not here)"
+        train_clips, clips_source = _from_data_or_config(
+            count_train_clips, cfg, "dataset_train_clips"
+        )
     else:
         clips_source = "assumed, not counted"
     if train_clips < 1:
