@@ -10,12 +10,25 @@ Usage::
 The promise of the method is memory: a video model is one frozen image backbone, run per frame
 without autograd, plus one temporal block that trains. This script measures what training
 keeps in memory, for ``T`` in ``--frames-list`` frames of a ``--size`` feature map of width
-``--dim`` (``--batch`` clips), for three ways of adding temporal modelling:
+``--dim`` (``--batch`` clips), for three ways of adding temporal modelling (five rows):
 
 ``pks4``
     ``PKS4Block(dim, d_state=--state)`` on the ``(B, T, dim, H, W)`` map. The backbone that
     made the map runs under ``torch.no_grad`` (it is frozen and nothing below the block
     trains), so the block is all that autograd records.
+``pks4_ckpt``
+    the same block, built the same way, with gradient checkpointing on
+    (``block.set_grad_checkpointing(True)``): the forward keeps the block's input and only
+    what the block computes outside its checkpointed region, and the backward recomputes the
+    rest. ``torch.utils.checkpoint`` (``use_reentrant=False``) does this with its own
+    ``saved_tensors_hooks``, nested inside the counting ones: what the checkpointed region
+    saves goes to the checkpoint's hooks (which store a placeholder and drop the tensor), not
+    to the counter, while the input that the checkpoint stores for the recomputation is saved
+    through the counting hooks. So ``saved`` is the input (its storage, once, however many
+    times it is saved), plus any tensor saved outside the checkpointed region: what stays
+    alive between the forward and the backward. The activations the backward recomputes live
+    only during the backward, a segment at a time; they are not in ``saved`` (nothing is
+    counted twice) but they are in ``peak``, which runs the backward.
 ``st_attention``
     a divided space-time attention block of the same width on the same map, TimeSformer style:
     a transformer layer whose attention runs over the ``T`` frames at each location, then one
@@ -23,6 +36,11 @@ keeps in memory, for ``T`` in ``--frames-list`` frames of a ``--size`` feature m
     attention plus a pre-norm MLP (ratio ``--mlp-ratio``), with residuals; attention is
     ``F.scaled_dot_product_attention`` with ``--heads`` heads (default ``dim // 64``). Like
     the PKS4 block it trains after a frozen backbone run without autograd.
+``st_attention_bare``
+    the same divided space-time attention without its MLPs: temporal attention over the ``T``
+    frames at each location, then spatial attention over the ``H*W`` locations of each frame,
+    each pre-norm (LayerNorm), with the same heads, qkv and output projections, and a
+    residual. The least a space-time attention block of this width keeps.
 ``adapters``
     the parameter-efficient practice this method replaces (ST-Adapter, AIM): a frozen ViT of
     ``--layers`` layers of width ``dim`` (the layer above: spatial attention over the ``H*W``
@@ -55,8 +73,8 @@ What is measured, per method and ``T``:
   part of the step: its activations are freed layer by layer and it is the same for both (the
   ``adapters`` row is the backbone, so its step includes the backbone's forward).
   ``--no-peak`` skips it.
-* ``/pks4``: this row's number divided by that of ``pks4`` at the same ``T``, measured in the
-  same run.
+* ``/pks4``: this row's number divided by that of ``pks4`` (without checkpointing) at the
+  same ``T``, measured in the same run.
 
 Which attention kernel ``F.scaled_dot_product_attention`` picks decides whether attention
 keeps ``O(S)`` or ``O(S^2)`` memory for a sequence of length ``S``: the flash and
@@ -71,7 +89,8 @@ Results go to ``--json`` and ``--plot`` (memory against ``T``, log scales); with
 The default width is 384 (ViT-S/16; ``--heads`` 6), with a 14x14 map, batch 1, 12 adapted
 layers and ``T`` in 8, 16, 32, 64: about 2 minutes on 2 CPU cores, most of it the adapters row
 (a 12-layer ViT forward and backward on up to 64 frames) and the start of one process per
-peak. ``--dim 768`` (ViT-B/16) took 8.4 minutes on 2 busy cores and keeps 5.0 GiB for the
+peak (timings measured before the ``pks4_ckpt`` and ``st_attention_bare`` rows were added).
+``--dim 768`` (ViT-B/16) took 8.4 minutes on 2 busy cores and keeps 5.0 GiB for the
 backward of the adapters row at ``T = 64`` (PKS4: 592 MiB); ``--no-peak`` runs in this
 process and skips the backward, which the count does not need.
 """
@@ -111,7 +130,7 @@ from pks4_layers.bench.timing import (
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-METHODS = ("pks4", "st_attention", "adapters")
+METHODS = ("pks4", "pks4_ckpt", "st_attention", "st_attention_bare", "adapters")
 REFERENCE = "pks4"
 
 
@@ -142,25 +161,34 @@ class Attention(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm transformer layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
+    ``mlp_ratio=0`` leaves the MLP (and its norm) out: the layer is ``x + attn(norm(x))``.
+
     Shapes: ``(N, S, C)`` -> ``(N, S, C)``, attention along ``S``.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        hidden = int(dim * mlp_ratio)
+        if mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio: expected 0 (no MLP) or more, got {mlp_ratio}")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm2: Optional[nn.LayerNorm] = None
+        self.mlp: Optional[nn.Sequential] = None
+        if mlp_ratio > 0:
+            hidden = max(1, int(dim * mlp_ratio))
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
+        if self.mlp is None or self.norm2 is None:
+            return x
         return x + self.mlp(self.norm2(x))
 
 
 class DividedSpaceTimeBlock(nn.Module):
     """TimeSformer-style divided attention: a layer attending over time at every location,
-    then a layer attending over space within every frame.
+    then a layer attending over space within every frame. ``mlp_ratio=0``: attention only.
 
     Shapes: ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)``, like :class:`~pks4_layers.PKS4Block`.
     """
@@ -275,7 +303,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--layers", type=arg_positive, default=12, help="backbone layers with adapters (default 12)"
     )
-    p.add_argument("--methods", type=_methods, default=list(METHODS), help="default: all three")
+    p.add_argument(
+        "--methods", type=_methods, default=list(METHODS), help=f"default: all of {METHODS}"
+    )
     p.add_argument("--state", type=arg_positive, default=16, help="PKS4 state size N (default 16)")
     p.add_argument(
         "--backend", default="auto", help="PKS4 scan backend (default auto: the compiled kernel)"
@@ -350,15 +380,25 @@ class Workload:
     grad_out: Tensor
 
 
+def pks4_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor arguments of ``PKS4Block`` for the ``pks4`` rows: one place, so that
+    ``pks4`` and ``pks4_ckpt`` always build the same block (the rest are its defaults)."""
+    return {"dim": args.dim, "d_state": args.state, "backend": args.backend}
+
+
 def make_module(args: argparse.Namespace, method: str) -> nn.Module:
     torch.manual_seed(args.seed)
-    if method == "pks4":
-        module = PKS4Block(args.dim, d_state=args.state, backend=args.backend)
+    if method in ("pks4", "pks4_ckpt"):
+        module = PKS4Block(**pks4_kwargs(args))
         # A fresh block is the identity (zero output projection); a trained one is not. The
         # memory is the same either way, the gradients reaching the scans are not zero.
         module.scan.out_proj.reset_parameters()
+        if method == "pks4_ckpt":
+            module.set_grad_checkpointing(True)
     elif method == "st_attention":
         module = DividedSpaceTimeBlock(args.dim, args.heads, args.mlp_ratio)
+    elif method == "st_attention_bare":
+        module = DividedSpaceTimeBlock(args.dim, args.heads, mlp_ratio=0)
     elif method == "adapters":
         module = AdaptedBackbone(
             args.dim,
@@ -628,15 +668,19 @@ def header_lines(args: argparse.Namespace, env: dict[str, Any], device: torch.de
     h, w = args.size
     busy = env.get("cpu_busy_before_run")
     other = f", CPUs {busy:.0%} busy with other work at start" if busy is not None else ""
+    pks4_text = ", ".join(f"{k}={v!r}" for k, v in pks4_kwargs(args).items())
     lines = [
         f"training memory | {env['device_name']} ({device}) | torch {env['torch']} | "
         f"{env['threads']} threads{other}",
         f"shape: batch {args.batch}, {h}x{w} map, width {args.dim}, T in "
         f"{', '.join(map(str, args.frames_list))}, float32",
-        f"pks4: PKS4Block({args.dim}, d_state={args.state}, backend={args.backend!r}) after a "
-        "frozen backbone run under no_grad",
+        f"pks4: PKS4Block({pks4_text}) after a frozen backbone run under no_grad",
+        "pks4_ckpt: the same block with set_grad_checkpointing(True): saved is its input (and "
+        "whatever it saves outside the checkpoint), the backward recomputes the rest",
         f"st_attention: divided space-time attention (time, then space), {args.heads} heads, "
         f"MLP x{args.mlp_ratio:g}, after the same frozen backbone",
+        "st_attention_bare: the same attention layers without their MLPs (norm, attention, "
+        "residual)",
         f"adapters: {args.layers}-layer frozen ViT of width {args.dim}, an adapter "
         f"(x{args.adapter_ratio:g} bottleneck, temporal dwconv {args.adapter_kernel}) before "
         "every layer",

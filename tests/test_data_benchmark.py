@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("av")
 
 import torch
+import torch.nn.functional as F
 
 from data_helpers import motion_energy, nearest_centroid_accuracy, time_average
 from pks4_layers.data import (
@@ -20,7 +21,16 @@ from pks4_layers.data import (
     read_frames,
     video_info,
 )
-from pks4_layers.data.benchmark import _source_frames, _source_short_side, _temporal_clip
+from pks4_layers.data.benchmark import (
+    _MAKERS,
+    _source_frames,
+    _source_short_side,
+    _split_generator,
+    _temporal_clip,
+)
+
+# The order-only tasks: the two classes show the same frames, only the order differs.
+ORDER_TASKS = ("object", "rotation", "onset", "shuttle")
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +165,189 @@ def test_spatial_task_time_average_separates_motion_does_not(bench):
     # Measured 0.79 (a colour histogram of the average; the backbone does far better).
     assert histogram > 0.65
     assert motion < 0.55
+
+
+def _pair(task, seed, num_frames=8, size=32, sources=None):
+    """Both classes' clips drawn from a generator in the same state."""
+    sources = sources or _source_frames(_source_short_side(size, num_frames))
+    return [
+        _MAKERS[task](label, torch.Generator().manual_seed(seed), sources, num_frames, size)
+        for label in (0, 1)
+    ]
+
+
+def test_task_order_keeps_the_old_streams():
+    # _split_generator keys the streams by the position in TASKS: the old tasks keep theirs.
+    assert list(BENCHMARK_TASKS)[:2] == ["temporal", "spatial"]
+    assert set(BENCHMARK_TASKS) == set(_MAKERS) == {"temporal", "spatial", *ORDER_TASKS}
+    for task in ORDER_TASKS:
+        assert len(BENCHMARK_TASKS[task]) == 2
+
+
+@pytest.mark.parametrize("task", ORDER_TASKS)
+def test_order_tasks_classes_are_the_same_frames_reordered(task):
+    """The construction behind the claim: for the same draws only the frame order differs."""
+    for seed in range(5):
+        first, second = _pair(task, seed)
+        assert first.shape == (8, 32, 32, 3) and first.dtype == torch.uint8
+        assert not torch.equal(first, second)
+        if task == "shuttle":
+            # oneway p0..p7; return p0 p2 p4 p6 p7 p5 p3 p1: the same multiset of frames.
+            assert torch.equal(second, first[[0, 2, 4, 6, 7, 5, 3, 1]])
+            assert sorted(f.numpy().tobytes() for f in first) == sorted(
+                f.numpy().tobytes() for f in second
+            )
+        else:
+            assert torch.equal(first, second.flip(0))
+
+
+@pytest.mark.parametrize("task", ORDER_TASKS)
+def test_order_tasks_motion_is_visible(task):
+    for seed in range(5):
+        clip = _pair(task, seed)[0]
+        same = [torch.equal(clip[t], clip[t + 1]) for t in range(7)]
+        if task == "onset":
+            # "starts": 2 .. T - 3 still steps first, then every step moves.
+            still = same.index(False)
+            assert 2 <= still <= 5 and not any(same[still:])
+        else:
+            assert not any(same)
+
+
+def test_onset_and_object_frame_limits(tmp_path):
+    sources = _source_frames(_source_short_side(32, 8))
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="num_frames"):
+        _MAKERS["onset"](0, g, sources, 3, 32)
+    with pytest.raises(ValueError, match="num_frames"):
+        _MAKERS["shuttle"](0, g, sources, 2, 32)
+    # At T == 4 the onset still has a still step and a moving one.
+    starts, stops = _pair("onset", 0, num_frames=4)
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[2], starts[3])
+    assert torch.equal(stops, starts.flip(0))
+    with pytest.raises(ValueError, match="num_frames"):
+        make_benchmark(tmp_path, "onset", num_train=2, num_val=2, num_frames=3, size=32)
+    # size 16: an 8 px patch in a 16 px window has room for 9 positions along a path.
+    with pytest.raises(ValueError, match="num_frames"):
+        make_benchmark(tmp_path, "object", num_train=2, num_val=2, num_frames=10, size=16)
+    assert not any(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_object_moves_over_a_static_background():
+    size, side, fastest = 48, 16, 4  # patch size // 3; speed capped by room // (T - 1) = 32 // 7
+    for seed in range(5):
+        clip = _pair("object", seed, size=size)[0].float()
+        changed = (clip[1:] - clip[:-1]).abs().sum(-1) > 0  # (T - 1, size, size)
+        for step in changed:
+            # Only the patch's old and new footprints change: a box of one patch plus one step
+            # (a moving background would change the whole window).
+            ys, xs = step.nonzero(as_tuple=True)
+            assert len(ys) > 0
+            assert ys.max() - ys.min() < side + fastest + 1
+            assert xs.max() - xs.min() < side + fastest + 1
+        # Far from the path the pixels never change: the path's band covers at most
+        # side^2 + length * side * sqrt(2) = 890 of the 2304 pixels.
+        assert changed.any(0).float().mean() < 0.5
+
+
+def test_rotation_is_clockwise_on_screen():
+    """On a ramp (red grows with x, green with y) the red gradient's on-screen angle, y down,
+    is where the source's +x axis points: clockwise turns it toward +y, so the angle grows."""
+    n = 96
+    yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    ramp = torch.stack([xx, yy, torch.zeros(n, n)]).float().mul(255 / (n - 1)).round()
+    sources = {"ramp": (ramp.to(torch.uint8),)}
+    off = torch.arange(32.0) - 15.5
+    v, u = torch.meshgrid(off, off, indexing="ij")
+    design = torch.stack([u.flatten(), v.flatten(), torch.ones(32 * 32)], 1)
+    for seed in range(3):
+        for label, sign in ((0, 1), (1, -1)):
+            clip = _pair("rotation", seed, sources=sources)[label]
+            red = clip[..., 0].float().flatten(1).T  # (pixels, T)
+            gx, gy, _ = torch.linalg.lstsq(design, red).solution
+            angles = torch.atan2(gy, gx).rad2deg()
+            steps = (angles[1:] - angles[:-1] + 180) % 360 - 180
+            # 12 to 20 degrees per frame, one constant step; rounding to uint8 costs < 1 degree.
+            assert (sign * steps > 11).all() and (sign * steps < 21).all()
+            assert steps.max() - steps.min() < 1
+
+
+def _clips(task, seed, count, num_frames=8, size=32):
+    """``count`` clips, labels alternating, from one stream (as make_benchmark draws them)."""
+    sources = _source_frames(_source_short_side(size, num_frames))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 2
+    clips = torch.stack([_MAKERS[task](int(y), g, sources, num_frames, size) for y in labels])
+    return clips, labels
+
+
+def _average_8x8(clips):
+    """Order-free: the time average, downsampled to 8 x 8 x 3."""
+    return F.adaptive_avg_pool2d(clips.float().mean(1).permute(0, 3, 1, 2), 8).flatten(1)
+
+
+def _step_profile(clips):
+    """Ordered: the mean absolute change at each step, relative to the clip's mean step."""
+    steps = (clips[:, 1:].float() - clips[:, :-1].float()).abs().mean((2, 3, 4))
+    return steps / steps.mean(1, keepdim=True)
+
+
+def _rotation_sense(clips):
+    """Ordered: the sign of the Lucas-Kanade numerator of a rotation about the centre,
+    the mean of ``dI/dt * (u dI/dy - v dI/dx)`` (negative for clockwise)."""
+    x = F.avg_pool2d(clips.float().mean(-1), 2)  # (N, T, h, w) grey
+    dt = (x[:, 1:] - x[:, :-1])[..., 1:-1, 1:-1]
+    mid = (x[:, 1:] + x[:, :-1]) / 2
+    gx = mid[..., 1:-1, 2:] - mid[..., 1:-1, :-2]
+    gy = mid[..., 2:, 1:-1] - mid[..., :-2, 1:-1]
+    off = torch.arange(dt.shape[-1]) - (dt.shape[-1] - 1) / 2
+    v, u = torch.meshgrid(off, off, indexing="ij")
+    return (dt * (u * gy - v * gx)).mean((1, 2, 3)).sign()[:, None]
+
+
+_ORDERED_FEATURE = {
+    "object": motion_energy,
+    "rotation": _rotation_sense,
+    "onset": _step_profile,
+    "shuttle": _step_profile,
+}
+
+
+@pytest.mark.parametrize("task", ORDER_TASKS)
+def test_order_free_classifier_is_at_chance_an_ordered_one_is_not(task):
+    train_x, train_y = _clips(task, 1, 64)
+    val_x, val_y = _clips(task, 2, 64)
+    # Both classes' frame sets have the same distribution, so the val labels are independent of
+    # the prediction: the accuracy is Binomial(64, 1/2) / 64, sd 0.0625; 0.2 is 3.2 sd.
+    average = nearest_centroid_accuracy(_average_8x8(train_x), train_y, _average_8x8(val_x), val_y)
+    assert abs(average - 0.5) <= 0.2
+    # The same classifier on an ordered feature (measured 0.83 to 1.0): the labels are learnable
+    # and the test can fail.
+    feature = _ORDERED_FEATURE[task]
+    ordered = nearest_centroid_accuracy(feature(train_x), train_y, feature(val_x), val_y)
+    assert ordered >= 0.75
+
+
+def test_make_benchmark_order_task_round_trip(tmp_path):
+    out = make_benchmark(tmp_path, "shuttle", num_train=4, num_val=2, num_frames=8, size=32)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["classes"] == ["oneway", "return"]
+    assert (out / "classInd.txt").read_text() == "1 oneway\n2 return\n"
+    assert (out / "trainlist.txt").read_text().split("\n")[:-1] == [
+        "oneway/train_0000.mp4 1",
+        "oneway/train_0002.mp4 1",
+        "return/train_0001.mp4 2",
+        "return/train_0003.mp4 2",
+    ]
+    assert (out / "testlist.txt").read_text() == "oneway/val_0000.mp4\nreturn/val_0001.mp4\n"
+    # The videos are the makers' clips from the split's stream (H.264: close, not exact; the
+    # same frames in the other order are far off).
+    sources = _source_frames(_source_short_side(32, 8))
+    g = _split_generator(0, "shuttle", "train")
+    for i in range(4):
+        clip = _MAKERS["shuttle"](i % 2, g, sources, 8, 32).float()
+        video = read_frames(
+            out / "videos" / f"{BENCHMARK_TASKS['shuttle'][i % 2]}/train_{i:04d}.mp4", range(8)
+        ).float()
+        assert video.shape == (8, 32, 32, 3)
+        assert (video - clip).abs().mean() < 8 < (video - clip.flip(0)).abs().mean()

@@ -34,6 +34,35 @@ the direction. No straight pan can hide its axis from the average.
 random window of a random frame of that source with a small random pan (independent of the
 class), so the label is in the content and motion carries none: the time average separates it.
 
+Four more temporal tasks, 2 classes each, close that loophole. In every one a clip draws all its
+random numbers the same way whatever the label, and the label only sets the order in which the
+frames are shown: for the same draws the two classes show exactly the same multiset of frames,
+so every order-free function of the frames (average, histogram, set model) has the same
+distribution in both classes and is at chance (1/2) by construction, axis included.
+
+``"object"``, ``rightward, leftward``: a real patch (side ``size // 3``, at least 8, cut from a
+random frame) moving in a straight line over a static real background (a ``size x size`` window
+of a random frame). The path's angle is uniform in (-60, 60) degrees from +x, its speed an int
+of ``size / 8`` to ``size / 6`` px per frame (lowered where the path would not fit in the
+window), its placement uniform among those that keep the patch inside. ``leftward`` plays the
+``rightward`` frames backwards: a leftward path at angle ``theta + 180``.
+
+``"rotation"``, ``clockwise, counterclockwise``: a ``size x size`` window whose content rotates
+about its centre (bilinear resampling of a random frame), from a uniform starting angle at 12 to
+20 degrees per frame. ``clockwise`` is clockwise as seen on screen (image y pointing down): the
+content at the top of the window moves right. ``counterclockwise`` is the same frames reversed.
+
+``"onset"``, ``starts, stops``: a pan along one of the 4 axis directions (uniform) that stands
+still for ``2 .. num_frames - 3`` of its steps (1 at ``num_frames == 4``): ``starts`` is
+still then moving, ``stops`` the reverse order, i.e. moving then still in the opposite direction,
+drawn from the same distribution since the direction is uniform. Needs ``num_frames >= 4``.
+
+``"shuttle"``, ``oneway, return``: a pan along one of the 4 axis directions (uniform) over
+``num_frames`` evenly spaced positions ``p_0 .. p_{T-1}``. ``oneway`` visits them in order;
+``return`` visits the even ones ascending then the odd ones descending (``p_0, p_2, p_4, ...,
+p_3, p_1``): out at twice the speed and back. Not a reversal but a permutation: the same frames,
+only the order tells. Needs ``num_frames >= 3``.
+
 Classes are balanced (counts differ by at most one), the output is deterministic given ``seed``
 and train and validation clips come from disjoint random streams.
 """
@@ -41,6 +70,7 @@ and train and validation clips come from disjoint random streams.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -62,7 +92,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 TASKS: dict[str, tuple[str, ...]] = {
     "temporal": ("left", "right", "up", "down"),
     "spatial": ("bigbuckbunny", "bikes", "carphone"),
+    # Appended after the first two: _split_generator keys the streams by the position here.
+    "object": ("rightward", "leftward"),
+    "rotation": ("clockwise", "counterclockwise"),
+    "onset": ("starts", "stops"),
+    "shuttle": ("oneway", "return"),
 }
+# The fewest frames a task can show (2 by default). onset: a still step and two moving ones;
+# shuttle: going out and back needs a third position.
+_MIN_FRAMES: dict[str, int] = {"onset": 4, "shuttle": 3}
 # Class name -> real clip (carphone_distorted is the same footage as carphone_pristine: skipped).
 _SOURCES: dict[str, str] = {
     "bigbuckbunny": "bigbuckbunny",
@@ -70,7 +108,7 @@ _SOURCES: dict[str, str] = {
     "carphone": "carphone_pristine",
 }
 _FRAMES_PER_SOURCE = 6
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 
 @lru_cache(maxsize=4)
@@ -148,7 +186,155 @@ def _spatial_clip(
     return _crops(image, ys, xs, size)
 
 
-_MAKERS: dict[str, Callable[..., Tensor]] = {"temporal": _temporal_clip, "spatial": _spatial_clip}
+def _check_frames(task: str, num_frames: int) -> None:
+    low = _MIN_FRAMES.get(task, 2)
+    if num_frames < low:
+        raise ValueError(f"num_frames: the {task} task needs >= {low}, got {num_frames}")
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    """Uniform float in ``[low, high)``."""
+    return low + (high - low) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _random_frame(g: torch.Generator, sources: dict) -> Tensor:
+    names = list(sources)
+    frames = sources[names[_randint(g, 0, len(names) - 1)]]
+    return frames[_randint(g, 0, len(frames) - 1)]
+
+
+def _axis_pan(
+    g: torch.Generator, sources: dict, offsets: list[int], size: int
+) -> tuple[Tensor, list[int], list[int]]:
+    """A window panning over a random frame along a uniform one of the 4 axis directions.
+
+    ``offsets`` (ints, ``0 == offsets[0] <= ... <= offsets[-1]``) are the distances travelled;
+    returns the frame and the window's top-left corners ``(ys, xs)``, placed uniformly among
+    those that fit. Draws the same numbers whatever the offsets.
+    """
+    image = _random_frame(g, sources)
+    H, W = image.shape[-2:]
+    direction = _randint(g, 0, 3)  # right, left, down, up
+    horizontal, forward = direction < 2, direction % 2 == 0
+    length = offsets[-1]
+    base = _randint(g, 0, (W if horizontal else H) - size - length)
+    across = _randint(g, 0, (H if horizontal else W) - size)
+    along = [base + o if forward else base + length - o for o in offsets]
+    fixed = [across] * len(offsets)
+    return (image, fixed, along) if horizontal else (image, along, fixed)
+
+
+def _object_clip(
+    label: int, g: torch.Generator, sources: dict, num_frames: int, size: int
+) -> Tensor:
+    _check_frames("object", num_frames)
+    side = max(8, size // 3)
+    room = size - side  # the patch's top-left corner ranges over [0, room]^2
+    fast = min(_speeds(size)[1], room // (num_frames - 1))
+    if fast < 1:
+        raise ValueError(
+            f"num_frames: the object task at size {size} needs <= {room + 1}, got {num_frames}"
+        )
+    background = _random_frame(g, sources)
+    H, W = background.shape[-2:]
+    by, bx = _randint(g, 0, H - size), _randint(g, 0, W - size)
+    source = _random_frame(g, sources)
+    H, W = source.shape[-2:]
+    py, px = _randint(g, 0, H - side), _randint(g, 0, W - side)
+    patch = source[:, py : py + side, px : px + side]
+    theta = math.radians(_uniform(g, -60.0, 60.0))
+    speed = _randint(g, min(_speeds(size)[0], fast), fast)
+    # Rounded points of the path (image y down); rounding is monotone, so the points lie between
+    # the first and the last and the box of feasible starts follows from the total (dx, dy).
+    xs = [round(k * speed * math.cos(theta)) for k in range(num_frames)]
+    ys = [round(k * speed * math.sin(theta)) for k in range(num_frames)]
+    dx, dy = xs[-1], ys[-1]
+    x0 = _randint(g, max(0, -dx), room - max(0, dx))
+    y0 = _randint(g, max(0, -dy), room - max(0, dy))
+    order = list(range(num_frames))
+    if TASKS["object"][label] == "leftward":
+        order.reverse()
+    clip = background[:, by : by + size, bx : bx + size].expand(num_frames, -1, -1, -1).clone()
+    for t, k in enumerate(order):
+        y, x = y0 + ys[k], x0 + xs[k]
+        clip[t, :, y : y + side, x : x + side] = patch
+    return clip.permute(0, 2, 3, 1)
+
+
+def _rotation_clip(
+    label: int, g: torch.Generator, sources: dict, num_frames: int, size: int
+) -> Tensor:
+    """Frame ``t`` is the content turned clockwise (on screen, y down) by ``angle_t`` about the
+    window's centre ``c``: it samples the source at ``c + R(-angle_t) @ (u, v)``, where
+    ``R(a) = [[cos a, -sin a], [sin a, cos a]]`` acts on ``(x, y)`` and ``(u, v)`` is a pixel's
+    offset from the centre. ``clockwise``: ``angle_t`` increases; ``counterclockwise``: the
+    same frames reversed."""
+    _check_frames("rotation", num_frames)
+    image = _random_frame(g, sources)
+    H, W = image.shape[-2:]
+    # The window's corners reach size * sqrt(2) / 2 from the centre; +1 for bilinear neighbours.
+    r = math.ceil(size * math.sqrt(2) / 2) + 1
+    if min(H, W) < 2 * r + 1:
+        raise ValueError(f"size: source frames of {H}x{W} are too small for size {size}")
+    cy, cx = _randint(g, r, H - 1 - r), _randint(g, r, W - 1 - r)
+    start = _uniform(g, 0.0, 360.0)
+    step = _uniform(g, 12.0, 20.0)
+    disk = image[:, cy - r : cy + r + 1, cx - r : cx + r + 1].double()  # centre at (r, r)
+    angles = torch.tensor([math.radians(start + t * step) for t in range(num_frames)]).double()
+    cos, sin = angles.cos().view(-1, 1, 1), angles.sin().view(-1, 1, 1)
+    off = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    v, u = torch.meshgrid(off, off, indexing="ij")  # (size, size): row offset v, column u
+    # R(-a) @ (u, v) = (u cos a + v sin a, -u sin a + v cos a), in the disk's pixel coordinates.
+    x = r + u * cos + v * sin
+    y = r + v * cos - u * sin
+    n = 2 * r + 1  # align_corners=False: pixel i's centre is at (2 i + 1) / n - 1
+    grid = torch.stack([(2 * x + 1) / n - 1, (2 * y + 1) / n - 1], -1)
+    out = torch.nn.functional.grid_sample(
+        disk.expand(num_frames, -1, -1, -1),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+    clip = out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    if TASKS["rotation"][label] == "counterclockwise":
+        clip = clip.flip(0)
+    return clip
+
+
+def _onset_clip(
+    label: int, g: torch.Generator, sources: dict, num_frames: int, size: int
+) -> Tensor:
+    _check_frames("onset", num_frames)
+    speed = _randint(g, *_speeds(size))
+    high = num_frames - 3
+    still = _randint(g, min(2, high), high)  # 2 .. T - 3 still steps; 1 at T == 4
+    offsets = [max(0, k - still) * speed for k in range(num_frames)]
+    image, ys, xs = _axis_pan(g, sources, offsets, size)
+    clip = _crops(image, ys, xs, size)
+    return clip.flip(0) if TASKS["onset"][label] == "stops" else clip
+
+
+def _shuttle_clip(
+    label: int, g: torch.Generator, sources: dict, num_frames: int, size: int
+) -> Tensor:
+    _check_frames("shuttle", num_frames)
+    speed = _randint(g, *_speeds(size))
+    image, ys, xs = _axis_pan(g, sources, [k * speed for k in range(num_frames)], size)
+    order = list(range(num_frames))
+    if TASKS["shuttle"][label] == "return":
+        order = order[0::2] + order[1::2][::-1]
+    return _crops(image, [ys[k] for k in order], [xs[k] for k in order], size)
+
+
+_MAKERS: dict[str, Callable[..., Tensor]] = {
+    "temporal": _temporal_clip,
+    "spatial": _spatial_clip,
+    "object": _object_clip,
+    "rotation": _rotation_clip,
+    "onset": _onset_clip,
+    "shuttle": _shuttle_clip,
+}
 
 
 def _split_generator(seed: int, task: str, split: str) -> torch.Generator:
@@ -174,7 +360,7 @@ def make_benchmark(
     checks = (
         ("num_train", num_train, len(classes)),
         ("num_val", num_val, len(classes)),
-        ("num_frames", num_frames, 2),
+        ("num_frames", num_frames, _MIN_FRAMES.get(task, 2)),
         ("size", size, 16),
     )
     for name, value, low in checks:

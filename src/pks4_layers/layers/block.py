@@ -6,11 +6,12 @@ Space Scanners for Efficient Video Understanding" (arXiv:2604.26461), built from
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ._checks import (
     check_float_tensor,
@@ -19,19 +20,22 @@ from ._checks import (
     check_same_dtype,
     check_tokens,
 )
-from .kinematic_prior import KinematicPriorEncoder
+from .kinematic_prior import PRIOR_CUES, KinematicPriorEncoder
 from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
+
+OUTPUT_INITS = ("zero", "small")
 
 
 class PKS4Block(nn.Module):
     """Temporal modelling block that returns its input's shape.
 
-    ``x + out_proj(scan(norm(x), prior(norm(x))))``: a LayerNorm, a
-    :class:`KinematicPriorEncoder` on the spatial locations, a :class:`ParallelTemporalScan` on
-    every location (prefix tokens included), a residual connection. The scan's output projection
-    starts at zero, so a freshly inserted block is the identity and a pretrained backbone's
-    behaviour is unchanged at step 0.
+    ``x + out_proj(scan(h, prior(h)))`` with ``h = down(norm(x))``: a LayerNorm, a linear map to
+    ``inner_dim`` channels (none when ``inner_dim == dim``), a :class:`KinematicPriorEncoder` on
+    the spatial locations, a :class:`ParallelTemporalScan` on every location (prefix tokens
+    included) whose output projection maps back to ``dim``, a residual connection. The output
+    projection starts at zero (``out_init="zero"``), so a freshly inserted block is the
+    identity and a pretrained backbone's behaviour is unchanged at step 0.
 
     Args:
         dim: channels ``C`` of the features.
@@ -44,6 +48,18 @@ class PKS4Block(nn.Module):
             at frame ``t`` depends on frames ``<= t`` only), which can stream.
         corr_dim, diff_dim: channel reductions inside the prior encoder.
         backend: backend of :func:`pks4_layers.ops.motion_scan`.
+        inner_dim: width the block works at (default ``dim``): after a wide backbone a
+            narrower one keeps the block small (``efficientnet_lite0``'s 1280 channels with
+            ``inner_dim=256``: 0.88 M parameters, a sixth of the full-width block).
+        prior_targets: where the prior enters the scan (see :class:`ParallelTemporalScan`).
+        cues: the cues the prior keeps (see :class:`KinematicPriorEncoder`).
+        out_init: ``"zero"`` (identity at insertion) or ``"small"`` (normal, std 0.02).
+        dt_min, dt_max: range of the scan's initial step sizes.
+        corr_temperature, learn_corr_temperature, prior_norm: the prior encoder's match
+            sharpness and output normalisation (see :class:`KinematicPriorEncoder`).
+
+    ``set_grad_checkpointing(True)`` makes a training forward keep only the block's input for
+    the backward, which then recomputes the rest: less memory for a second forward's time.
 
     Shapes (``forward(x, grid=None, num_prefix_tokens=0)``):
         feature maps ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)``; ``grid`` is read from the map.
@@ -71,29 +87,73 @@ class PKS4Block(nn.Module):
         corr_dim: int = 64,
         diff_dim: int = 32,
         backend: str = "auto",
+        inner_dim: Optional[int] = None,
+        prior_targets: Sequence[str] = ("selection",),
+        cues: Sequence[str] = PRIOR_CUES,
+        out_init: str = "zero",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        corr_temperature: float = 10.0,
+        learn_corr_temperature: bool = True,
+        prior_norm: str = "none",
     ) -> None:
         super().__init__()
+        inner = dim if inner_dim is None else inner_dim
+        if not isinstance(inner, int) or inner < 1:
+            raise ValueError(f"inner_dim: expected a positive int or None, got {inner_dim!r}")
+        if out_init not in OUTPUT_INITS:
+            raise ValueError(f"out_init: expected one of {list(OUTPUT_INITS)}, got {out_init!r}")
         self.dim = dim
+        self.inner_dim = inner
+        self.out_init = out_init
+        self.grad_checkpointing = False
         self.norm = nn.LayerNorm(dim)
+        # One narrow copy of the features feeds both the prior encoder and the scan.
+        self.down = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.prior = KinematicPriorEncoder(
-            dim, prior_dim=prior_dim, radius=radius, corr_dim=corr_dim, diff_dim=diff_dim
+            inner,
+            prior_dim=prior_dim,
+            radius=radius,
+            corr_dim=corr_dim,
+            diff_dim=diff_dim,
+            cues=cues,
+            corr_temperature=corr_temperature,
+            learn_corr_temperature=learn_corr_temperature,
+            prior_norm=prior_norm,
         )
         self.scan = ParallelTemporalScan(
-            dim,
+            inner,
             prior_dim,
             d_state=d_state,
             expand=expand,
             d_conv=d_conv,
             bidirectional=bidirectional,
             backend=backend,
+            prior_targets=prior_targets,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            out_dim=dim,
         )
         self.reset_output()
 
     @torch.no_grad()
     def reset_output(self) -> None:
-        """Zero the output projection: the block becomes the identity."""
-        nn.init.zeros_(self.scan.out_proj.weight)
+        """Initialise the output projection as ``out_init`` says: zero (the block becomes the
+        identity) or small random weights (std 0.02) with a zero bias."""
+        if self.out_init == "zero":
+            nn.init.zeros_(self.scan.out_proj.weight)
+        else:
+            nn.init.normal_(self.scan.out_proj.weight, std=0.02)
         nn.init.zeros_(self.scan.out_proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the block in the backward instead of keeping its activations.
+
+        With it on, a forward under autograd keeps only the block's input (and its parameters)
+        for the backward, which runs the block's forward again before its own; the gradients
+        are those of the plain block. Streaming (:meth:`step`) is unaffected.
+        """
+        self.grad_checkpointing = bool(enable)
 
     def forward(
         self,
@@ -102,8 +162,14 @@ class PKS4Block(nn.Module):
         num_prefix_tokens: int = 0,
     ) -> Tensor:
         tokens, grid, prefix = self._as_tokens(x, grid, num_prefix_tokens)
-        out, _ = self._forward_tokens(tokens, grid, prefix)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            out = checkpoint(self._residual, tokens, grid, prefix, use_reentrant=False)
+        else:
+            out = self._residual(tokens, grid, prefix)
         return self._as_input_layout(out, x, grid)
+
+    def _residual(self, tokens: Tensor, grid: tuple[int, int], prefix: int) -> Tensor:
+        return self._forward_tokens(tokens, grid, prefix)[0]
 
     def init_stream(
         self,
@@ -244,7 +310,7 @@ class PKS4Block(nn.Module):
         check_tokens("x", x, self.dim)
         check_same_device("x", x, "the block's parameters", self.norm.weight)
         check_same_dtype("x", x, "the block's parameters", self.norm.weight)
-        h = self.norm(x)
+        h = self.down(self.norm(x))
         # narrow, not h[:, :, prefix:]: under torch 2.5's export a full slice of the batch
         # dimension adds a guard that an unbounded dynamic batch violates.
         spatial = h.narrow(2, prefix, h.shape[2] - prefix)

@@ -14,6 +14,9 @@ its abstract; the paper's exact formulas were not available. Two cues per frame 
 Frame 0 has no predecessor: its cost volume, displacement, confidence and difference are zero,
 and a ``has_previous`` channel tells the fusion which frames had one. Nothing wraps around.
 
+Which cues reach the fusion is a constructor argument (``cues``), so that each can be left out
+and measured; a branch whose cues are all left out is not built.
+
 The prior of frame ``t`` depends on frames ``t`` and ``t-1`` only, so it streams:
 ``KinematicPriorEncoder.step`` keeps the previous frame's reduced features between chunks.
 """
@@ -21,7 +24,7 @@ The prior of frame ``t`` depends on frames ``t`` and ``t-1`` only, so it streams
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,9 @@ from torch import Tensor, nn
 
 from ._checks import check_grid, check_same_dtype, check_tokens
 from .stream_state import PriorStreamState
+
+PRIOR_CUES = ("cost", "displacement", "difference")
+PRIOR_NORMS = ("none", "layer")
 
 
 def local_correlation(current: Tensor, previous: Tensor, radius: int) -> Tensor:
@@ -63,6 +69,13 @@ class KinematicPriorEncoder(nn.Module):
         radius: correlation window radius ``r`` (``(2r+1)^2`` displacements).
         corr_dim: channels the features are reduced to before correlation.
         diff_dim: channels of the frame-difference branch.
+        cues: the cues fused into the prior, a subset of ``("cost", "displacement",
+            "difference")``: the cost volume itself, its soft-argmax displacement ``(dx, dy)``
+            with the match confidence, the frame-difference features.
+        corr_temperature: initial scale of the cosine similarities in the match softmax.
+        learn_corr_temperature: learn that scale (``False`` keeps it fixed).
+        prior_norm: ``"layer"`` puts a LayerNorm on the fused prior (unit scale whatever the
+            cues' scales), ``"none"`` leaves it as the fusion MLP gives it.
 
     Shapes:
         input ``x``: ``(B, T, L, dim)`` with ``L = H * W`` in row-major order and ``grid = (H, W)``.
@@ -76,36 +89,70 @@ class KinematicPriorEncoder(nn.Module):
         radius: int = 2,
         corr_dim: int = 64,
         diff_dim: int = 32,
+        cues: Sequence[str] = PRIOR_CUES,
+        corr_temperature: float = 10.0,
+        learn_corr_temperature: bool = True,
+        prior_norm: str = "none",
     ) -> None:
         super().__init__()
         if radius < 0:
             raise ValueError(f"radius: expected >= 0, got {radius}")
+        cues = tuple(cues) if not isinstance(cues, str) else (cues,)
+        if not cues or any(c not in PRIOR_CUES for c in cues) or len(set(cues)) != len(cues):
+            raise ValueError(
+                f"cues: expected a non-empty subset of {list(PRIOR_CUES)}, got {list(cues)}"
+            )
+        if not corr_temperature > 0:
+            raise ValueError(f"corr_temperature: expected > 0, got {corr_temperature!r}")
+        if prior_norm not in PRIOR_NORMS:
+            raise ValueError(f"prior_norm: expected one of {list(PRIOR_NORMS)}, got {prior_norm!r}")
         self.dim = dim
         self.prior_dim = prior_dim
         self.radius = radius
         self.num_displacements = (2 * radius + 1) ** 2
+        self.cues = tuple(c for c in PRIOR_CUES if c in cues)
+        self.uses_correlation = "cost" in cues or "displacement" in cues
+        self.corr_dim = corr_dim if self.uses_correlation else 0
+        self.diff_dim = diff_dim if "difference" in cues else 0
 
-        self.corr_reduce = nn.Linear(dim, corr_dim, bias=False)
-        # Cosine similarities lie in [-1, 1]; a learnt scale sharpens the match distribution.
-        self.corr_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.diff_reduce = nn.Linear(dim, diff_dim)
-        self.diff_conv = nn.Conv2d(diff_dim, diff_dim, kernel_size=3, padding=1)
+        if self.uses_correlation:
+            self.corr_reduce = nn.Linear(dim, corr_dim, bias=False)
+        if "displacement" in cues:
+            # Cosine similarities lie in [-1, 1]; a scale sharpens the match distribution.
+            log_scale = torch.tensor(math.log(corr_temperature))
+            if learn_corr_temperature:
+                self.corr_log_scale = nn.Parameter(log_scale)
+            else:
+                self.register_buffer("corr_log_scale", log_scale)
+            offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+            dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
+            self.register_buffer(
+                "displacements", torch.stack([dx.flatten(), dy.flatten()], -1), False
+            )
+        if self.diff_dim:
+            self.diff_reduce = nn.Linear(dim, diff_dim)
+            self.diff_conv = nn.Conv2d(diff_dim, diff_dim, kernel_size=3, padding=1)
 
-        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")
-        self.register_buffer("displacements", torch.stack([dx.flatten(), dy.flatten()], -1), False)
-
-        # cost volume, (dx, dy), confidence, has_previous, frame-difference features
-        fused_in = self.num_displacements + 4 + diff_dim
+        # per cue: cost volume (K), (dx, dy) and confidence (3); has_previous; differences
+        self.motion_dim = (self.num_displacements if "cost" in cues else 0) + (
+            3 if "displacement" in cues else 0
+        )
+        fused_in = self.motion_dim + 1 + self.diff_dim
         self.fuse = nn.Sequential(
             nn.Linear(fused_in, 2 * prior_dim),
             nn.GELU(),
             nn.Linear(2 * prior_dim, prior_dim),
         )
+        self.norm = nn.LayerNorm(prior_dim) if prior_norm == "layer" else nn.Identity()
+
+    @property
+    def _param(self) -> Tensor:
+        """A parameter that every configuration has: the reference for device and dtype."""
+        return self.fuse[0].weight
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         check_tokens("x", x, self.dim)
-        check_same_dtype("x", x, "the module's parameters", self.corr_reduce.weight)
+        check_same_dtype("x", x, "the module's parameters", self._param)
         H, W = check_grid(grid, x.shape[2])
         return self._encode(x, H, W, None)[0]
 
@@ -123,15 +170,15 @@ class KinematicPriorEncoder(nn.Module):
             num_locations: ``H * W`` of the grid.
             device, dtype: those of the features to come (default: the module's parameters').
         """
-        ref = self.corr_reduce.weight
+        ref = self._param
         device = ref.device if device is None else device
         dtype = ref.dtype if dtype is None else dtype
         return PriorStreamState(
             previous_corr=torch.zeros(
-                batch_size, num_locations, self.corr_reduce.out_features, device=device, dtype=dtype
+                batch_size, num_locations, self.corr_dim, device=device, dtype=dtype
             ),
             previous_diff=torch.zeros(
-                batch_size, num_locations, self.diff_reduce.out_features, device=device, dtype=dtype
+                batch_size, num_locations, self.diff_dim, device=device, dtype=dtype
             ),
             has_previous=torch.zeros(batch_size, dtype=torch.bool, device=device),
         )
@@ -151,11 +198,11 @@ class KinematicPriorEncoder(nn.Module):
             the whole stream so far, and the new state.
         """
         check_tokens("x", x, self.dim)
-        check_same_dtype("x", x, "the module's parameters", self.corr_reduce.weight)
+        check_same_dtype("x", x, "the module's parameters", self._param)
         H, W = check_grid(grid, x.shape[2])
         if state is None:
             state = self.init_stream(x.shape[0], x.shape[2], x.device, x.dtype)
-        expected = (x.shape[0], x.shape[2], self.corr_reduce.out_features)
+        expected = (x.shape[0], x.shape[2], self.corr_dim)
         if tuple(state.previous_corr.shape) != expected:
             raise ValueError(
                 f"state: expected previous_corr of shape {expected} (batch and locations of x), "
@@ -174,20 +221,26 @@ class KinematicPriorEncoder(nn.Module):
         # keep[b, t]: frame t has a predecessor.
         keep = torch.ones(Bsz, T, dtype=torch.bool, device=x.device)
         keep[:, 0] = False if state is None else state.has_previous
+        none = x.new_zeros(Bsz, T, L, 0)
+        motion = boundaries = corr = diff = none
         if state is None:
-            motion = self._displacement_cues(x, H, W)  # (B, T, L, K + 3)
-            boundaries = self._difference_cues(x, H, W)  # (B, T, L, diff_dim)
-            corr = diff = None
+            if self.uses_correlation:
+                motion = self._displacement_cues(x, H, W)  # (B, T, L, motion_dim)
+            if self.diff_dim:
+                boundaries = self._difference_cues(x, H, W)  # (B, T, L, diff_dim)
         else:
-            corr = F.normalize(self.corr_reduce(x), dim=-1)
-            diff = self.diff_reduce(x)
-            motion = self._displacement_cues(x, H, W, state, keep, corr)
-            boundaries = self._difference_cues(x, H, W, state, keep, diff)
-            # Copies, not views: the state must not keep the whole chunk alive.
-            corr, diff = corr[:, -1].clone(), diff[:, -1].clone()
+            if self.uses_correlation:
+                corr = F.normalize(self.corr_reduce(x), dim=-1)
+                motion = self._displacement_cues(x, H, W, state, keep, corr)
+            if self.diff_dim:
+                diff = self.diff_reduce(x)
+                boundaries = self._difference_cues(x, H, W, state, keep, diff)
         has_previous = keep.to(x.dtype)[..., None, None].expand(Bsz, T, L, 1)
-        prior = self.fuse(torch.cat([motion, has_previous, boundaries], dim=-1))
-        return prior, corr, diff
+        prior = self.norm(self.fuse(torch.cat([motion, has_previous, boundaries], dim=-1)))
+        if state is None:
+            return prior, None, None
+        # Copies, not views: the state must not keep the whole chunk alive.
+        return prior, corr[:, -1].clone(), diff[:, -1].clone()
 
     def _displacement_cues(
         self,
@@ -198,12 +251,12 @@ class KinematicPriorEncoder(nn.Module):
         keep: Optional[Tensor] = None,
         feats: Optional[Tensor] = None,
     ) -> Tensor:
-        """Cost volume, displacement and confidence ``(B, T, L, K + 3)``; with a stream
+        """The kept ones of cost volume ``K``, displacement and confidence ``3``:
+        ``(B, T, L, motion_dim)``; with a stream
         ``state``, ``keep`` ``(B, T)`` says which frames have a predecessor and ``feats`` are
         the chunk's normalised reduced features."""
         Bsz, T, L, _ = x.shape
-        K = self.num_displacements
-        first = x.new_zeros(Bsz, 1, L, K + 3)  # frame 0: no predecessor, no motion
+        first = x.new_zeros(Bsz, 1, L, self.motion_dim)  # frame 0: no predecessor, no motion
         if state is None and T < 2:
             return first
         if feats is None:
@@ -222,6 +275,19 @@ class KinematicPriorEncoder(nn.Module):
             self.radius,
         )
         cost = rearrange(cost, "(b t) k h w -> b t (h w) k", b=Bsz)
+        kept = [cost] if "cost" in self.cues else []
+        if "displacement" in self.cues:
+            kept += self._match_summary(cost)
+        later = torch.cat(kept, dim=-1).to(first.dtype) if len(kept) > 1 else kept[0]
+        if state is None:
+            return torch.cat([first, later], dim=1)
+        # A stream's first frame has no predecessor either: the same zeros, whatever the
+        # (zero) stored features gave.
+        return torch.where(keep[..., None, None], later, first.new_zeros(()))
+
+    def _match_summary(self, cost: Tensor) -> list[Tensor]:
+        """Soft-argmax displacement ``(.., 2)`` and confidence ``(.., 1)`` of a cost volume."""
+        K = self.num_displacements
         match = torch.softmax(cost * self.corr_log_scale.exp(), dim=-1)
         # The content at this location sat at (location + offset) in frame t-1, so it moved
         # by -offset: report the motion, in feature-map cells per frame.
@@ -232,12 +298,7 @@ class KinematicPriorEncoder(nn.Module):
         entropy = -(match32 * torch.log(match32.clamp_min(1e-12))).sum(-1, keepdim=True)
         entropy = entropy.to(match.dtype)
         confidence = 1.0 - entropy / math.log(K) if K > 1 else torch.ones_like(entropy)
-        later = torch.cat([cost, velocity, confidence], dim=-1).to(first.dtype)
-        if state is None:
-            return torch.cat([first, later], dim=1)
-        # A stream's first frame has no predecessor either: the same zeros, whatever the
-        # (zero) stored features gave.
-        return torch.where(keep[..., None, None], later, first.new_zeros(()))
+        return [velocity, confidence]
 
     def _difference_cues(
         self,
@@ -271,4 +332,4 @@ class KinematicPriorEncoder(nn.Module):
         return rearrange(edges, "(b t) c h w -> b t (h w) c", b=x.shape[0])
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, prior_dim={self.prior_dim}, radius={self.radius}"
+        return f"dim={self.dim}, prior_dim={self.prior_dim}, radius={self.radius}, cues={self.cues}"

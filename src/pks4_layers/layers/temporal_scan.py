@@ -6,13 +6,14 @@ its abstract. Every spatial location of the feature map is an independent sequen
 frames: nothing is flattened across space, so the cost is linear in ``T`` and in the number of
 locations, and the spatial layout is kept. The selection is driven by the kinematic prior:
 it enters the projections that give the step size ``delta`` (how fast the state is updated),
-``B`` (what is written) and ``C`` (what is read) at each frame.
+``B`` (what is written) and ``C`` (what is read) at each frame. Where else the prior enters
+(the scanned stream, the gate) is a constructor argument, ``prior_targets``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from ..ops import motion_scan
 from ._checks import check_same_device, check_same_dtype, check_tokens
 from .stream_state import ScanStreamState, scan_state_dtype
 from .temporal_conv import temporal_conv, temporal_conv_step
+
+# "selection": delta, B and C; "stream": added to the scanned stream; "gate": added to z.
+PRIOR_TARGETS = ("selection", "stream", "gate")
 
 
 class DirectionalScan(nn.Module):
@@ -44,6 +48,7 @@ class DirectionalScan(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         backend: str = "auto",
+        prior_selects: bool = True,
     ) -> None:
         super().__init__()
         self.reverse = reverse
@@ -53,7 +58,10 @@ class DirectionalScan(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(d_inner, d_conv))
         self.conv_bias = nn.Parameter(torch.empty(d_inner))
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.prior_proj = nn.Linear(prior_dim, dt_rank + 2 * d_state, bias=False)
+        # Without it the prior does not reach delta, B and C (it enters the stream or the gate).
+        self.prior_proj = (
+            nn.Linear(prior_dim, dt_rank + 2 * d_state, bias=False) if prior_selects else None
+        )
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
@@ -68,7 +76,8 @@ class DirectionalScan(nn.Module):
         nn.init.uniform_(self.conv_weight, -bound, bound)
         nn.init.uniform_(self.conv_bias, -bound, bound)
         self.x_proj.reset_parameters()
-        self.prior_proj.reset_parameters()
+        if self.prior_proj is not None:
+            self.prior_proj.reset_parameters()
         # Mamba's initialisation: dt_proj keeps the variance of its input, and its bias is the
         # inverse softplus of a step size drawn log-uniformly in [dt_min, dt_max].
         std = self.dt_rank**-0.5
@@ -104,7 +113,9 @@ class DirectionalScan(nn.Module):
         self, x: Tensor, z: Tensor, prior: Tensor, initial_state: Optional[Tensor] = None
     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """``y``, and the last state when ``initial_state`` is given (streaming)."""
-        proj = self.x_proj(x) + self.prior_proj(prior)
+        proj = self.x_proj(x)
+        if self.prior_proj is not None:
+            proj = proj + self.prior_proj(prior)
         dt_low, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight)
         dtype = x.dtype
@@ -136,7 +147,7 @@ class ParallelTemporalScan(nn.Module):
     ``in_proj`` splits the features into the scanned stream ``x`` and the gate ``z``; each
     direction convolves ``x`` over a few frames, projects ``x`` and the prior to ``delta``,
     ``B`` and ``C``, and runs :func:`pks4_layers.ops.motion_scan`; the directions are averaged
-    and ``out_proj`` maps back to ``dim``.
+    and ``out_proj`` maps back to ``out_dim``.
 
     Args:
         dim: channels of the input and output.
@@ -148,9 +159,14 @@ class ParallelTemporalScan(nn.Module):
         bidirectional: add a reverse-time scan (the forward-only scan is causal: its temporal
             convolution is the causal one, so frame ``t`` sees frames ``<= t`` only).
         backend: passed to :func:`pks4_layers.ops.motion_scan`.
+        prior_targets: where the prior enters, a subset of ``("selection", "stream",
+            "gate")``: the projections to ``delta``, ``B``, ``C``; a linear map of it added to
+            the scanned stream before the temporal convolution; one added to the gate ``z``.
+        dt_min, dt_max: range of the initial step sizes (log-uniform per channel).
+        out_dim: channels of the output (default ``dim``).
 
     Shapes:
-        ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` -> ``(B, T, L, dim)``.
+        ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` -> ``(B, T, L, out_dim)``.
 
     A forward-only scan also runs on a stream, chunk by chunk (:meth:`init_stream`,
     :meth:`step`), carrying the convolution's last inputs and the scan's state.
@@ -166,26 +182,70 @@ class ParallelTemporalScan(nn.Module):
         dt_rank: Union[int, str] = "auto",
         bidirectional: bool = True,
         backend: str = "auto",
+        prior_targets: Sequence[str] = ("selection",),
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        out_dim: Optional[int] = None,
     ) -> None:
         super().__init__()
+        targets = (prior_targets,) if isinstance(prior_targets, str) else tuple(prior_targets)
+        if (
+            not targets
+            or any(t not in PRIOR_TARGETS for t in targets)
+            or len(set(targets)) != len(targets)
+        ):
+            raise ValueError(
+                f"prior_targets: expected a non-empty subset of {list(PRIOR_TARGETS)}, "
+                f"got {list(targets)}"
+            )
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min, dt_max}")
         self.dim = dim
         self.prior_dim = prior_dim
         self.d_inner = expand * dim
         self.bidirectional = bidirectional
+        self.prior_targets = tuple(t for t in PRIOR_TARGETS if t in targets)
         rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(dim, 2 * self.d_inner)
+        # The prior added to the scanned stream and / or the gate: one map for both.
+        added = [t for t in ("stream", "gate") if t in targets]
+        self.prior_in_proj = (
+            nn.Linear(prior_dim, len(added) * self.d_inner, bias=False) if added else None
+        )
         directions = [False, True] if bidirectional else [False]
         self.directions = nn.ModuleList(
             DirectionalScan(
-                self.d_inner, prior_dim, d_state, d_conv, rank, reverse=r, backend=backend
+                self.d_inner,
+                prior_dim,
+                d_state,
+                d_conv,
+                rank,
+                reverse=r,
+                dt_min=dt_min,
+                dt_max=dt_max,
+                backend=backend,
+                prior_selects="selection" in targets,
             )
             for r in directions
         )
-        self.out_proj = nn.Linear(self.d_inner, dim)
+        self.out_proj = nn.Linear(self.d_inner, dim if out_dim is None else out_dim)
+
+    def _stream_and_gate(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
+        """The scanned stream and the gate, with the prior added where ``prior_targets`` say."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        if self.prior_in_proj is None:
+            return xs, z
+        targets = [t for t in ("stream", "gate") if t in self.prior_targets]
+        added = dict(zip(targets, self.prior_in_proj(prior).split(self.d_inner, dim=-1)))
+        if "stream" in added:
+            xs = xs + added["stream"]
+        if "gate" in added:
+            z = z + added["gate"]
+        return xs, z
 
     def forward(self, x: Tensor, prior: Tensor) -> Tensor:
         self._check_inputs(x, prior)
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs, z = self._stream_and_gate(x, prior)
         y = self.directions[0](xs, z, prior)
         for direction in self.directions[1:]:
             y = y + direction(xs, z, prior)
@@ -282,6 +342,6 @@ class ParallelTemporalScan(nn.Module):
                     f"state: expected {name} of shape {expected} (batch and locations of x), "
                     f"got {tuple(got.shape)}"
                 )
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs, z = self._stream_and_gate(x, prior)
         y, state = self.directions[0].step(xs, z, prior, state)
         return self.out_proj(y), state

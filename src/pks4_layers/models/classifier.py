@@ -148,6 +148,15 @@ class PKS4VideoClassifier(nn.Module):
             p.requires_grad_(not frozen)
         self.train(self.training)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing, timm's way: the temporal module (a :class:`PKS4Block`) keeps
+        only its input for the backward and recomputes the rest; a trainable backbone that
+        offers ``set_grad_checkpointing`` (timm models) gets it too."""
+        for module in (self.temporal, self.backbone.model):
+            fn = getattr(module, "set_grad_checkpointing", None)
+            if callable(fn):
+                fn(enable)
+
     def tune_last_blocks(self, count: int) -> None:
         """Partial tuning: freeze the backbone except its last ``count`` blocks (timm's
         ``model.blocks``: transformer blocks of a ViT, stages of an EfficientNet) and the layers

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
+from ..data.benchmark import TASKS as BENCHMARK_TASKS
 from .errors import (
     MissingPathError,
     UsageError,
@@ -41,7 +42,8 @@ class TrainConfig:
         default="data/generated", metadata={"help": "dataset root (benchmark: where to write it)"}
     )
     benchmark_task: str = field(
-        default="temporal", metadata={"help": "generated benchmark task: temporal or spatial"}
+        default="temporal",
+        metadata={"help": f"generated benchmark task: one of {tuple(BENCHMARK_TASKS)}"},
     )
     benchmark_size: int = field(default=96, metadata={"help": "generated clips' frame size"})
     benchmark_train: int = field(default=96, metadata={"help": "generated training clips"})
@@ -139,7 +141,7 @@ class TrainConfig:
             "temporal": TEMPORAL_MODULES,
             "amp": AMP_MODES,
             "sampling": ("segment", "dense"),
-            "benchmark_task": ("temporal", "spatial"),
+            "benchmark_task": tuple(BENCHMARK_TASKS),
             "on_bad_video": BAD_VIDEO_MODES,
         }
         for name, allowed in choices.items():
