@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint bench results gpu-check lowest-torch clean
+.PHONY: setup test lint bench results suite gpu-check lowest-torch clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ bench: $(STAMP)
 # (frozen pretrained efficientnet_lite0; a few minutes on 2 CPU cores).
 results: $(STAMP)
 	$(PY) benchmarks/result_table.py
+
+# The motion suite: mean / tconv / PKS4 on six generated tasks (five of them order-only), three
+# seeds, frozen pretrained efficientnet_lite0 and a small CNN from scratch (about 35 minutes on
+# 2 CPU cores); SUITE_ARGS="--models pks4,pks4_stream --regimes scratch" for an ablation.
+suite: $(STAMP)
+	$(PY) benchmarks/motion_suite.py $(SUITE_ARGS)
 
 # The device check on a machine with a GPU (benchmarks/gpu_check.py): the CUDA tests,
 # compute-sanitizer, the speed and memory benchmarks, in about 8 minutes. It runs with the

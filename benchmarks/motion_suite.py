@@ -355,6 +355,52 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def summarise_models(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (regime, model) over the temporal tasks run: the mean final top-1 over tasks
+    and seeds, the standard deviation over seeds of the per-seed task mean, and the worst
+    (task, seed) run: what an ablation compares."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["task"] in TEMPORAL_TASKS:
+            groups.setdefault((r["regime"], r["model"]), []).append(r)
+    rows = []
+    for (regime, model), rs in groups.items():
+        per_seed: dict[int, list[float]] = {}
+        for r in rs:
+            per_seed.setdefault(r["seed"], []).append(r["final_val_top1"])
+        seed_means = [statistics.fmean(v) for v in per_seed.values()]
+        worst = min(rs, key=lambda r: r["final_val_top1"])
+        rows.append(
+            {
+                "regime": regime,
+                "model": model,
+                "tasks": sorted({r["task"] for r in rs}),
+                "seeds": len(per_seed),
+                "mean": statistics.fmean(r["final_val_top1"] for r in rs),
+                "seed_std": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
+                "worst": worst["final_val_top1"],
+                "worst_run": f"{worst['task']} seed {worst['seed']}",
+                "below_90": sum(r["final_val_top1"] < 90.0 for r in rs),
+                "runs": len(rs),
+            }
+        )
+    return rows
+
+
+def format_model_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| regime | model | temporal tasks: mean final top-1 (%) | std over seeds | worst run "
+        "| runs < 90% |",
+        "|" + "---|" * 6,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['model']} | {r['mean']:.1f} | {r['seed_std']:.1f} "
+            f"| {r['worst']:.1f} ({r['worst_run']}) | {r['below_90']}/{r['runs']} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| regime | task | model | final val top-1 (%) mean ± std | worst seed | best epoch "
@@ -464,7 +510,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         }
                     )
     rows = summarise(runs)
+    models = summarise_models(runs)
     table = format_table(rows)
+    if models:
+        table += "\n\n" + format_model_table(models)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -484,6 +533,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             {
                 "config": config,
                 "rows": rows,
+                "models": models,
                 "runs": runs,
                 "wall_time_s": time.perf_counter() - start,
             },

@@ -1,0 +1,141 @@
+"""``benchmarks/motion_suite.py`` on a tiny configuration: both regimes, two seeds, real clips.
+
+Checks that every (regime, task, model, seed) run trains on real computation (the loss moves,
+the curves have one point per epoch), that the summary's mean, standard deviation and worst
+seed are those of the runs, and that the table, JSON and picture are written. Accuracies are
+not asserted: a tiny run says nothing about them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(SCRIPTS))
+import motion_suite  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "suite"
+    argv = [
+        "--regimes=frozen,scratch",
+        "--tasks=shuttle,spatial",
+        "--models=mean,pks4_inner256",
+        "--seeds=0,1",
+        "--epochs=2",
+        "--frames=4",
+        "--size=32",
+        "--scratch-size=32",
+        "--scratch-width=16",
+        "--train-clips=8",
+        "--val-clips=6",
+        "--batch-size=4",
+        "--no-pretrained",
+        f"--data-root={tmp_path / 'data'}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    assert motion_suite.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.with_suffix(".json").read_text())
+    runs, rows = result["runs"], result["rows"]
+    assert len(runs) == 2 * 2 * 2 * 2 and len(rows) == 2 * 2 * 2
+    for run in runs:
+        assert [h["epoch"] for h in run["history"]] == [1, 2]
+        assert all(0.0 <= h["val_top1"] <= 100.0 for h in run["history"])
+        assert all(h["train_loss"] > 0 for h in run["history"])
+        assert run["final_val_top1"] == run["history"][-1]["val_top1"]
+    for row in rows:
+        mine = [
+            r["final_val_top1"]
+            for r in runs
+            if (r["regime"], r["task"], r["model"]) == (row["regime"], row["task"], row["model"])
+        ]
+        assert row["seeds"] == 2
+        assert row["final_mean"] == pytest.approx(statistics.fmean(mine))
+        assert row["final_std"] == pytest.approx(statistics.stdev(mine))
+        assert row["final_min"] == min(mine)
+        assert f"| {row['regime']} | {row['task']} | {row['model']} |" in printed
+    by_model = {r["model"]: r for r in rows if r["regime"] == "frozen"}
+    assert by_model["mean"]["params_temporal"] == 0
+    assert by_model["pks4_inner256"]["params_temporal"] > 0
+    # the scratch regime's small CNN is 16 wide: inner_dim 256 falls back to the full width
+    scratch = next(r for r in runs if r["regime"] == "scratch" and r["model"] == "pks4_inner256")
+    assert scratch["params_temporal"] > 0
+    assert result["config"]["variants"]["pks4_inner256"]["inner_dim"] == 256
+    # per (regime, model) over the temporal task run (shuttle): mean, worst run, runs < 90%
+    models = {(m["regime"], m["model"]): m for m in result["models"]}
+    assert set(models) == {(g, m) for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256")}
+    for (regime, model), m in models.items():
+        mine = [
+            r for r in runs if (r["regime"], r["model"], r["task"]) == (regime, model, "shuttle")
+        ]
+        assert m["tasks"] == ["shuttle"] and m["runs"] == 2
+        assert m["mean"] == pytest.approx(statistics.fmean(r["final_val_top1"] for r in mine))
+        assert m["worst"] == min(r["final_val_top1"] for r in mine)
+        assert m["below_90"] == sum(r["final_val_top1"] < 90 for r in mine)
+    assert out.with_suffix(".md").read_text().count("\n") == 2 + len(rows) + 3 + len(models)
+    png = out.with_suffix(".png")
+    if png.exists():
+        assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_seeds_change_the_initialisation_and_only_that(tmp_path: Path) -> None:
+    """Same seed, same data -> the same run; another seed -> another initialisation."""
+    args = motion_suite.parse_args(
+        ["--epochs=1", "--frames=3", "--batch-size=2", "--no-progress", "--scratch-width=8"]
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 3, 16, 16, generator=g)
+    data = {"train": (x, torch.tensor([0, 1, 0, 1])), "val": (x, torch.tensor([0, 1, 0, 1]))}
+
+    def backbone():
+        return motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+
+    variant = motion_suite.VARIANTS["pks4"]
+    runs = [
+        motion_suite.train_one(args, "scratch", variant, data, 2, backbone, seed, "t")
+        for seed in (0, 0, 1)
+    ]
+    assert runs[0]["history"] == runs[1]["history"]
+    assert runs[0]["history"][0]["train_loss"] != runs[2]["history"][0]["train_loss"]
+
+
+def test_block_learning_rate_factor_reaches_the_optimizer() -> None:
+    args = motion_suite.parse_args(["--scratch-width=8", "--frames=3"])
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    model = motion_suite.build_model(args, "scratch", motion_suite.VARIANTS["pks4"], 2, backbone)
+    opt = motion_suite._optimizer(model, lr=1e-3, weight_decay=0.05, block_lr_scale=3.0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = 3e-3 if name.startswith("temporal.") else 1e-3
+        assert lr_of[id(p)] == pytest.approx(expected), name
+        assert wd_of[id(p)] == (0.05 if p.dim() >= 2 and "A_log" not in name else 0.0), name
+
+
+def test_unknown_names_are_refused(capsys) -> None:
+    for flag in ("--models=pks5", "--tasks=colour", "--regimes=finetune"):
+        with pytest.raises(SystemExit) as exc:
+            motion_suite.parse_args([flag])
+        assert exc.value.code == 2
+        assert flag.split("=")[1] in capsys.readouterr().err
+
+
+def test_every_variant_builds_a_block() -> None:
+    args = motion_suite.parse_args(["--frames=3"])
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(16), num_features=16)
+    x = torch.randn(1, 3, 3, 32, 32)
+    for name, variant in motion_suite.VARIANTS.items():
+        torch.manual_seed(0)
+        model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
+        assert model(x).shape == (1, 2), name
