@@ -70,10 +70,11 @@ def test_pks4_is_linear_in_t_and_below_both_alternatives(tmp_path: Path) -> None
     attention = _saved(rows, "st_attention")
     adapters = _saved(rows, "adapters")
 
-    # Linear in T: the same bytes per token (within 3%: a few tensors of fixed size, such as
-    # the scan's A = -exp(A_log), are saved once whatever T).
+    # Linear in T: a part proportional to T plus a few tensors of fixed size (such as the
+    # scan's A = -exp(A_log) and the parameters the recomputation keeps), saved once whatever T.
     per_token = [pks4[t] / (t * 16) for t in frames]
-    assert max(per_token) <= 1.03 * min(per_token), per_token
+    assert pks4[32] - pks4[16] == 2 * (pks4[16] - pks4[8]), pks4
+    assert max(per_token) <= 1.05 * min(per_token), per_token
     assert per_token == sorted(per_token, reverse=True)  # never more per token as T grows
     growth = result["growth"]["pks4"]
     assert 0.95 * (frames[-1] / frames[0]) <= growth["saved_ratio"] <= frames[-1] / frames[0]

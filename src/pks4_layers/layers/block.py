@@ -21,6 +21,7 @@ from ._checks import (
     check_tokens,
 )
 from .kinematic_prior import PRIOR_CUES, KinematicPriorEncoder
+from .recompute import maybe_recompute
 from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
 
@@ -57,6 +58,10 @@ class PKS4Block(nn.Module):
         dt_min, dt_max: range of the scan's initial step sizes.
         corr_temperature, learn_corr_temperature, prior_norm: the prior encoder's match
             sharpness and output normalisation (see :class:`KinematicPriorEncoder`).
+        recompute: in a training forward, keep neither the prior encoder's intermediate
+            results nor the scan directions' conv and projections: the backward recomputes them
+            from inputs it keeps anyway (same gradients, about half the memory of the block,
+            for about one more forward of those parts).
 
     ``set_grad_checkpointing(True)`` makes a training forward keep only the block's input for
     the backward, which then recomputes the rest: less memory for a second forward's time.
@@ -96,6 +101,7 @@ class PKS4Block(nn.Module):
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "none",
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         inner = dim if inner_dim is None else inner_dim
@@ -106,6 +112,7 @@ class PKS4Block(nn.Module):
         self.dim = dim
         self.inner_dim = inner
         self.out_init = out_init
+        self.recompute = bool(recompute)
         self.grad_checkpointing = False
         self.norm = nn.LayerNorm(dim)
         # One narrow copy of the features feeds both the prior encoder and the scan.
@@ -133,6 +140,7 @@ class PKS4Block(nn.Module):
             dt_min=dt_min,
             dt_max=dt_max,
             out_dim=dim,
+            recompute=recompute,
         )
         self.reset_output()
 
@@ -151,9 +159,15 @@ class PKS4Block(nn.Module):
 
         With it on, a forward under autograd keeps only the block's input (and its parameters)
         for the backward, which runs the block's forward again before its own; the gradients
-        are those of the plain block. Streaming (:meth:`step`) is unaffected.
+        are those of the plain block. Streaming (:meth:`step`) is unaffected. The finer
+        recomputation of ``recompute`` is off meanwhile: the whole block is recomputed once.
         """
         self.grad_checkpointing = bool(enable)
+        self.scan.set_recompute(self.recompute and not self.grad_checkpointing)
+
+    @property
+    def _recompute_prior(self) -> bool:
+        return self.recompute and not self.grad_checkpointing
 
     def forward(
         self,
@@ -319,7 +333,7 @@ class PKS4Block(nn.Module):
                 spatial, grid, None if state is None else state.prior
             )
         else:
-            prior = self.prior(spatial, grid)
+            prior = maybe_recompute(self._recompute_prior, self.prior, spatial, grid)
         if prefix:
             no_motion = prior.new_zeros(*prior.shape[:2], prefix, prior.shape[-1])
             prior = torch.cat([no_motion, prior], dim=2)

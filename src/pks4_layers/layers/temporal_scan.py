@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..ops import motion_scan
 from ._checks import check_same_device, check_same_dtype, check_tokens
+from .recompute import maybe_recompute
 from .stream_state import ScanStreamState, scan_state_dtype
 from .temporal_conv import temporal_conv, temporal_conv_step
 
@@ -66,6 +67,8 @@ class DirectionalScan(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self._dt_range = (dt_min, dt_max, dt_init_floor)
+        # Set by the owning scan: recompute the conv and projections in the backward.
+        self.recompute = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -92,8 +95,21 @@ class DirectionalScan(nn.Module):
         self.D.fill_(1.0)
 
     def forward(self, x: Tensor, z: Tensor, prior: Tensor) -> Tensor:
-        x = F.silu(temporal_conv(x, self.conv_weight, self.conv_bias, reverse=self.reverse))
-        return self._scan(x, z, prior)
+        u, delta, B, C = maybe_recompute(self.recompute, self._selection, x, prior)
+        return self._scan(u, delta, B, C, z)
+
+    def _selection(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The scanned input ``u`` (temporal conv, SiLU) and its ``delta``, ``B``, ``C``."""
+        u = F.silu(temporal_conv(x, self.conv_weight, self.conv_bias, reverse=self.reverse))
+        return (u, *self._projections(u, prior))
+
+    def _projections(self, u: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``delta`` (before its bias), ``B`` and ``C`` from ``u`` and the prior."""
+        proj = self.x_proj(u)
+        if self.prior_proj is not None:
+            proj = proj + self.prior_proj(prior)
+        dt_low, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt_low, self.dt_proj.weight), B, C
 
     def step(
         self, x: Tensor, z: Tensor, prior: Tensor, state: ScanStreamState
@@ -106,18 +122,20 @@ class DirectionalScan(nn.Module):
                 "which needs the frames that have not come yet"
             )
         conv, history = temporal_conv_step(x, self.conv_weight, self.conv_bias, state.conv_inputs)
-        y, last = self._scan(F.silu(conv), z, prior, initial_state=state.scan_state)
+        u = F.silu(conv)
+        y, last = self._scan(u, *self._projections(u, prior), z, initial_state=state.scan_state)
         return y, ScanStreamState(conv_inputs=history, scan_state=last)
 
     def _scan(
-        self, x: Tensor, z: Tensor, prior: Tensor, initial_state: Optional[Tensor] = None
+        self,
+        x: Tensor,
+        delta: Tensor,
+        B: Tensor,
+        C: Tensor,
+        z: Tensor,
+        initial_state: Optional[Tensor] = None,
     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """``y``, and the last state when ``initial_state`` is given (streaming)."""
-        proj = self.x_proj(x)
-        if self.prior_proj is not None:
-            proj = proj + self.prior_proj(prior)
-        dt_low, B, C = torch.split(proj, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt_low, self.dt_proj.weight)
         dtype = x.dtype
         # Scan parameters stay in float32 under mixed precision (float64 in a float64 model).
         pdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -164,6 +182,8 @@ class ParallelTemporalScan(nn.Module):
             the scanned stream before the temporal convolution; one added to the gate ``z``.
         dt_min, dt_max: range of the initial step sizes (log-uniform per channel).
         out_dim: channels of the output (default ``dim``).
+        recompute: each direction's temporal conv and projections are recomputed in the
+            backward instead of kept (same gradients, less memory; see :mod:`.recompute`).
 
     Shapes:
         ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` -> ``(B, T, L, out_dim)``.
@@ -186,6 +206,7 @@ class ParallelTemporalScan(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         out_dim: Optional[int] = None,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         targets = (prior_targets,) if isinstance(prior_targets, str) else tuple(prior_targets)
@@ -229,6 +250,13 @@ class ParallelTemporalScan(nn.Module):
             for r in directions
         )
         self.out_proj = nn.Linear(self.d_inner, dim if out_dim is None else out_dim)
+        self.set_recompute(recompute)
+
+    def set_recompute(self, enable: bool) -> None:
+        """Recompute (``True``) or keep (``False``) the directions' conv and projections."""
+        self.recompute = bool(enable)
+        for direction in self.directions:
+            direction.recompute = self.recompute
 
     def _stream_and_gate(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
         """The scanned stream and the gate, with the prior added where ``prior_targets`` say."""
