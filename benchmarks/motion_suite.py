@@ -83,6 +83,13 @@ VARIANTS: dict[str, Variant] = {
         "prior also added to the scanned stream", prior_targets=("selection", "stream")
     ),
     "pks4_gate": _pks4("prior also added to the gate z", prior_targets=("selection", "gate")),
+    "pks4_output": _pks4(
+        "prior also added to the scan's output", prior_targets=("selection", "output")
+    ),
+    "pks4_stream_output": _pks4(
+        "prior also added to the stream and the output",
+        prior_targets=("selection", "stream", "output"),
+    ),
     "pks4_stream_gate": _pks4(
         "prior also added to the stream and the gate", prior_targets=("selection", "stream", "gate")
     ),
@@ -146,6 +153,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scratch-lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument(
+        "--block-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON object of PKS4Block arguments laid over every pks4 variant's (a reduced "
+        "protocol, e.g. '{\"inner_dim\": 256}')",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random backbone (tests only)")
     p.add_argument("--data-root", default="data/generated/suite")
     p.add_argument("--out", default="benchmarks/results/motion_suite")
@@ -208,6 +222,8 @@ def build_model(
     args: argparse.Namespace, regime: str, variant: Variant, classes: int, backbone: FrameBackbone
 ) -> PKS4VideoClassifier:
     kwargs = variant.kwargs()
+    if variant.temporal == "pks4":
+        kwargs.update(args.block_kwargs)
     if kwargs.get("inner_dim", 0) >= backbone.num_features:
         kwargs.pop("inner_dim")  # no narrower than the backbone: the full width
     return PKS4VideoClassifier(
@@ -472,6 +488,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ]
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
+    partial = Path(args.out).with_suffix(".runs.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         clips = load_clips(args, task)
         for regime in args.regimes:
@@ -509,6 +527,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             **result,
                         }
                     )
+                    # Every finished run on disk at once: a long sweep cut short keeps them.
+                    partial.write_text(json.dumps({"config": vars(args), "runs": runs}))
     rows = summarise(runs)
     models = summarise_models(runs)
     table = format_table(rows)

@@ -41,6 +41,8 @@ OPTIONS = [
     {"prior_targets": ("selection", "gate")},
     {"prior_targets": ("selection", "stream", "gate")},
     {"prior_targets": ("stream",)},
+    {"prior_targets": ("selection", "output")},
+    {"prior_targets": ("stream", "gate", "output")},
     {"cues": ("displacement", "difference")},
     {"cues": ("cost", "difference")},
     {"cues": ("cost", "displacement")},

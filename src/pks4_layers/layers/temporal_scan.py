@@ -25,8 +25,9 @@ from .recompute import maybe_recompute
 from .stream_state import ScanStreamState, scan_state_dtype
 from .temporal_conv import temporal_conv, temporal_conv_step
 
-# "selection": delta, B and C; "stream": added to the scanned stream; "gate": added to z.
-PRIOR_TARGETS = ("selection", "stream", "gate")
+# "selection": delta, B and C; "stream": added to the scanned stream; "gate": added to z;
+# "output": added to the scan's output, before the output projection.
+PRIOR_TARGETS = ("selection", "stream", "gate", "output")
 
 
 class DirectionalScan(nn.Module):
@@ -178,8 +179,9 @@ class ParallelTemporalScan(nn.Module):
             convolution is the causal one, so frame ``t`` sees frames ``<= t`` only).
         backend: passed to :func:`pks4_layers.ops.motion_scan`.
         prior_targets: where the prior enters, a subset of ``("selection", "stream",
-            "gate")``: the projections to ``delta``, ``B``, ``C``; a linear map of it added to
-            the scanned stream before the temporal convolution; one added to the gate ``z``.
+            "gate", "output")``: the projections to ``delta``, ``B``, ``C``; a linear map of it
+            added to the scanned stream before the temporal convolution; one added to the gate
+            ``z``; one added to the directions' mean output, before ``out_proj``.
         dt_min, dt_max: range of the initial step sizes (log-uniform per channel).
         out_dim: channels of the output (default ``dim``).
         recompute: each direction's temporal conv and projections are recomputed in the
@@ -228,8 +230,8 @@ class ParallelTemporalScan(nn.Module):
         self.prior_targets = tuple(t for t in PRIOR_TARGETS if t in targets)
         rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(dim, 2 * self.d_inner)
-        # The prior added to the scanned stream and / or the gate: one map for both.
-        added = [t for t in ("stream", "gate") if t in targets]
+        # The prior added to the scanned stream, the gate and / or the output: one map for all.
+        added = [t for t in ("stream", "gate", "output") if t in targets]
         self.prior_in_proj = (
             nn.Linear(prior_dim, len(added) * self.d_inner, bias=False) if added else None
         )
@@ -258,26 +260,30 @@ class ParallelTemporalScan(nn.Module):
         for direction in self.directions:
             direction.recompute = self.recompute
 
-    def _stream_and_gate(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
-        """The scanned stream and the gate, with the prior added where ``prior_targets`` say."""
+    def _stream_and_gate(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The scanned stream and the gate, with the prior added where ``prior_targets`` say,
+        and what the prior adds to the output (``None`` if nothing)."""
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         if self.prior_in_proj is None:
-            return xs, z
-        targets = [t for t in ("stream", "gate") if t in self.prior_targets]
+            return xs, z, None
+        targets = [t for t in ("stream", "gate", "output") if t in self.prior_targets]
         added = dict(zip(targets, self.prior_in_proj(prior).split(self.d_inner, dim=-1)))
         if "stream" in added:
             xs = xs + added["stream"]
         if "gate" in added:
             z = z + added["gate"]
-        return xs, z
+        return xs, z, added.get("output")
 
     def forward(self, x: Tensor, prior: Tensor) -> Tensor:
         self._check_inputs(x, prior)
-        xs, z = self._stream_and_gate(x, prior)
+        xs, z, to_output = self._stream_and_gate(x, prior)
         y = self.directions[0](xs, z, prior)
         for direction in self.directions[1:]:
             y = y + direction(xs, z, prior)
-        return self.out_proj(y / len(self.directions))
+        y = y / len(self.directions)
+        if to_output is not None:
+            y = y + to_output
+        return self.out_proj(y)
 
     def _check_inputs(self, x: Tensor, prior: Tensor) -> None:
         check_tokens("x", x, self.dim)
@@ -370,6 +376,8 @@ class ParallelTemporalScan(nn.Module):
                     f"state: expected {name} of shape {expected} (batch and locations of x), "
                     f"got {tuple(got.shape)}"
                 )
-        xs, z = self._stream_and_gate(x, prior)
+        xs, z, to_output = self._stream_and_gate(x, prior)
         y, state = self.directions[0].step(xs, z, prior, state)
+        if to_output is not None:
+            y = y + to_output
         return self.out_proj(y), state
