@@ -264,3 +264,34 @@ def test_classifier_grad_checkpointing_reaches_the_block():
     PKS4VideoClassifier(
         model.backbone, num_classes=3, num_frames=4, temporal="mean"
     ).set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_recompute_gives_the_same_gradients_and_keeps_less(bidirectional):
+    kept = _open(_block(bidirectional=bidirectional, recompute=False))
+    recomputed = _open(_block(bidirectional=bidirectional))
+    assert recomputed.recompute and all(d.recompute for d in recomputed.scan.directions)
+    x = torch.randn(2, 6, DIM, 3, 3)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = kept(xa), recomputed(xb)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(xb.grad, xa.grad)
+    for (name, pa), pb in zip(kept.named_parameters(), recomputed.parameters()):
+        assert torch.equal(pb.grad, pa.grad), name
+    saved_kept = _saved_bytes(lambda: kept(x.requires_grad_()))
+    saved_recomputed = _saved_bytes(lambda: recomputed(x.requires_grad_()))
+    assert saved_recomputed < 0.75 * saved_kept, (saved_recomputed, saved_kept)
+
+
+def test_whole_block_checkpointing_turns_the_finer_recomputation_off_and_back_on():
+    block = _block()
+    block.set_grad_checkpointing(True)
+    assert not block._recompute_prior and not any(d.recompute for d in block.scan.directions)
+    block.set_grad_checkpointing(False)
+    assert block._recompute_prior and all(d.recompute for d in block.scan.directions)
+    plain = _block(recompute=False)
+    plain.set_grad_checkpointing(False)
+    assert not plain._recompute_prior and not any(d.recompute for d in plain.scan.directions)
