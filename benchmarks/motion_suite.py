@@ -386,11 +386,16 @@ def summarise_models(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             per_seed.setdefault(r["seed"], []).append(r["final_val_top1"])
         seed_means = [statistics.fmean(v) for v in per_seed.values()]
         worst = min(rs, key=lambda r: r["final_val_top1"])
+        tasks = [t for t in TEMPORAL_TASKS if any(r["task"] == t for r in rs)]
         rows.append(
             {
                 "regime": regime,
                 "model": model,
-                "tasks": sorted({r["task"] for r in rs}),
+                "tasks": tasks,
+                "task_means": {
+                    t: statistics.fmean(r["final_val_top1"] for r in rs if r["task"] == t)
+                    for t in tasks
+                },
                 "seeds": len(per_seed),
                 "mean": statistics.fmean(r["final_val_top1"] for r in rs),
                 "seed_std": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
@@ -404,17 +409,30 @@ def summarise_models(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_model_table(rows: list[dict[str, Any]]) -> str:
+    tasks = [t for t in TEMPORAL_TASKS if any(t in r["tasks"] for r in rows)]
     lines = [
-        "| regime | model | temporal tasks: mean final top-1 (%) | std over seeds | worst run "
-        "| runs < 90% |",
-        "|" + "---|" * 6,
+        "| regime | model | " + " | ".join(tasks) + " | mean final top-1 (%) | std over seeds "
+        "| worst run | runs < 90% |",
+        "|" + "---|" * (6 + len(tasks)),
     ]
     for r in rows:
+        per_task = " | ".join(
+            f"{r['task_means'][t]:.1f}" if t in r["task_means"] else "-" for t in tasks
+        )
         lines.append(
-            f"| {r['regime']} | {r['model']} | {r['mean']:.1f} | {r['seed_std']:.1f} "
+            f"| {r['regime']} | {r['model']} | {per_task} | {r['mean']:.1f} | {r['seed_std']:.1f} "
             f"| {r['worst']:.1f} ({r['worst_run']}) | {r['below_90']}/{r['runs']} |"
         )
     return "\n".join(lines)
+
+
+def report(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The per-task rows, the per-model rows and the printed tables of ``runs``."""
+    rows, models = summarise(runs), summarise_models(runs)
+    table = format_table(rows)
+    if models:
+        table += "\n\n" + format_model_table(models)
+    return rows, models, table
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -529,11 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     )
                     # Every finished run on disk at once: a long sweep cut short keeps them.
                     partial.write_text(json.dumps({"config": vars(args), "runs": runs}))
-    rows = summarise(runs)
-    models = summarise_models(runs)
-    table = format_table(rows)
-    if models:
-        table += "\n\n" + format_model_table(models)
+    rows, models, table = report(runs)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
