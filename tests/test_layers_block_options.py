@@ -126,23 +126,28 @@ def test_removed_cues_build_no_branch():
 
 
 def test_prior_targets_build_only_what_they_use():
-    assert _block().scan.prior_in_proj is None
+    assert _block(prior_targets=("selection",)).scan.prior_in_proj is None
+    default = _block()
+    assert default.scan.prior_targets == ("selection", "output")
+    assert default.scan.prior_in_proj.out_features == default.scan.d_inner
     both = _block(prior_targets=("selection", "stream", "gate"))
     assert both.scan.prior_in_proj.out_features == 2 * both.scan.d_inner
+    every = _block(prior_targets=("selection", "stream", "gate", "output"))
+    assert every.scan.prior_in_proj.out_features == 3 * every.scan.d_inner
     stream_only = _block(prior_targets=("stream",))
     assert all(d.prior_proj is None for d in stream_only.scan.directions)
 
 
 def test_prior_in_the_gate_changes_the_gate_only():
     """With the prior in the gate, zeroing the stream part of a shared map changes nothing."""
-    block = _open(_block(prior_targets=("selection", "gate")))
+    block = _open(_block(prior_targets=("selection", "gate"), prior_norm="none"))
     x = torch.randn(1, 4, DIM, 2, 2)
     before = block(x)
     with torch.no_grad():
         block.scan.prior_in_proj.weight.zero_()
     after = block(x)
     assert not torch.allclose(before, after)  # the gate saw the prior
-    plain = _block(prior_targets=("selection",))
+    plain = _block(prior_targets=("selection",), prior_norm="none")
     missing, unexpected = plain.load_state_dict(block.state_dict(), strict=False)
     assert not missing and unexpected == ["scan.prior_in_proj.weight"]
     assert_close(after, plain(x))
