@@ -289,14 +289,3 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(bidirectional):
     saved_kept = _saved_bytes(lambda: kept(x.requires_grad_()))
     saved_recomputed = _saved_bytes(lambda: recomputed(x.requires_grad_()))
     assert saved_recomputed < 0.75 * saved_kept, (saved_recomputed, saved_kept)
-
-
-def test_whole_block_checkpointing_turns_the_finer_recomputation_off_and_back_on():
-    block = _block()
-    block.set_grad_checkpointing(True)
-    assert not block._recompute_prior and not any(d.recompute for d in block.scan.directions)
-    block.set_grad_checkpointing(False)
-    assert block._recompute_prior and all(d.recompute for d in block.scan.directions)
-    plain = _block(recompute=False)
-    plain.set_grad_checkpointing(False)
-    assert not plain._recompute_prior and not any(d.recompute for d in plain.scan.directions)

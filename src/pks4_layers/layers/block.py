@@ -167,14 +167,12 @@ class PKS4Block(nn.Module):
         With it on, a forward under autograd keeps only the block's input (and its parameters)
         for the backward, which runs the block's forward again before its own; the gradients
         are those of the plain block. Streaming (:meth:`step`) is unaffected. The finer
-        recomputation of ``recompute`` is off meanwhile: the whole block is recomputed once.
+        recomputation of ``recompute`` stays on inside: the backward's rerun of the block then
+        keeps what a plain training forward keeps, so the peak stays that of the plain block
+        (without it, the rerun would keep everything and raise the peak), for one more forward
+        of the prior encoder and the projections.
         """
         self.grad_checkpointing = bool(enable)
-        self.scan.set_recompute(self.recompute and not self.grad_checkpointing)
-
-    @property
-    def _recompute_prior(self) -> bool:
-        return self.recompute and not self.grad_checkpointing
 
     def forward(
         self,
@@ -340,7 +338,7 @@ class PKS4Block(nn.Module):
                 spatial, grid, None if state is None else state.prior
             )
         else:
-            prior = maybe_recompute(self._recompute_prior, self.prior, spatial, grid)
+            prior = maybe_recompute(self.recompute, self.prior, spatial, grid)
         if prefix:
             no_motion = prior.new_zeros(*prior.shape[:2], prefix, prior.shape[-1])
             prior = torch.cat([no_motion, prior], dim=2)
