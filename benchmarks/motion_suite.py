@@ -78,20 +78,14 @@ VARIANTS: dict[str, Variant] = {
     "mean": Variant("mean", note="frame average (order-free)"),
     "tconv": Variant("tconv", note="residual depthwise temporal conv, kernel 3"),
     "pks4": _pks4("PKS4Block defaults"),
-    # the first design: the prior drives delta, B, C only, no normalisation
-    "pks4_v0": _pks4(
-        "prior into delta/B/C only, no LayerNorm (first design)",
-        prior_targets=("selection",),
-        prior_norm="none",
+    # where the prior enters the scan (the default: the selection, delta/B/C, only)
+    "pks4_output": _pks4(
+        "prior also added to the scan's output", prior_targets=("selection", "output")
     ),
-    # where the prior enters the scan (the default: selection and output)
-    "pks4_selection_only": _pks4("prior into delta/B/C only", prior_targets=("selection",)),
     "pks4_stream": _pks4(
-        "prior also added to the scanned stream", prior_targets=("selection", "stream", "output")
+        "prior also added to the scanned stream", prior_targets=("selection", "stream")
     ),
-    "pks4_gate": _pks4(
-        "prior also added to the gate z", prior_targets=("selection", "gate", "output")
-    ),
+    "pks4_gate": _pks4("prior also added to the gate z", prior_targets=("selection", "gate")),
     "pks4_output_only": _pks4(
         "prior into the output only (no selection)", prior_targets=("output",)
     ),
@@ -111,7 +105,7 @@ VARIANTS: dict[str, Variant] = {
     "pks4_causal": _pks4("causal (forward scan only)", bidirectional=False),
     "pks4_inner256": _pks4("inner_dim 256", inner_dim=256),
     # what makes learning reliable
-    "pks4_no_prior_ln": _pks4("no LayerNorm on the prior", prior_norm="none"),
+    "pks4_no_prior_ln": _pks4("no LayerNorm on the prior (the first design)", prior_norm="none"),
     "pks4_dt_slow": _pks4("initial dt in [1e-4, 1e-2]", dt_min=1e-4, dt_max=1e-2),
     "pks4_dt_fast": _pks4("initial dt in [1e-2, 1]", dt_min=1e-2, dt_max=1.0),
     "pks4_temp_fixed": _pks4("correlation temperature fixed at 10", learn_corr_temperature=False),

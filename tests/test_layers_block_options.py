@@ -289,3 +289,14 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(bidirectional):
     saved_kept = _saved_bytes(lambda: kept(x.requires_grad_()))
     saved_recomputed = _saved_bytes(lambda: recomputed(x.requires_grad_()))
     assert saved_recomputed < 0.75 * saved_kept, (saved_recomputed, saved_kept)
+
+
+def test_output_route_starts_at_zero_and_learns():
+    block = _block(prior_targets=("selection", "stream", "output"))
+    w = block.scan.prior_in_proj.weight
+    d = block.scan.d_inner
+    assert torch.count_nonzero(w[-d:]) == 0  # the output route
+    assert torch.count_nonzero(w[:d]) == w[:d].numel()  # the stream route: default init
+    _open(block)
+    block(torch.randn(1, 4, DIM, 2, 2)).square().sum().backward()
+    assert w.grad[-d:].abs().sum() > 0
