@@ -29,7 +29,7 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     argv = [
         "--regimes=frozen,scratch",
         "--tasks=shuttle,spatial",
-        "--models=mean,pks4_inner256",
+        "--models=mean,probe,pks4_inner256",
         "--seeds=0,1",
         "--epochs=2",
         "--frames=4",
@@ -48,9 +48,16 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     result = json.loads(out.with_suffix(".json").read_text())
     runs, rows = result["runs"], result["rows"]
-    assert len(runs) == 2 * 2 * 2 * 2 and len(rows) == 2 * 2 * 2
+    # the probe runs in the frozen regime only
+    assert len(runs) == 2 * 2 * 2 * 2 + 2 * 2 and len(rows) == 2 * 2 * 2 + 2
+    probe = [r for r in runs if r["model"] == "probe"]
+    assert {r["regime"] for r in probe} == {"frozen"} and len(probe) == 4
+    # deterministic: both seeds give the same probe
+    for task in ("shuttle", "spatial"):
+        assert len({r["final_val_top1"] for r in probe if r["task"] == task}) == 1
     for run in runs:
-        assert [h["epoch"] for h in run["history"]] == [1, 2]
+        epochs = [1] if run["model"] == "probe" else [1, 2]  # the probe is fitted once
+        assert [h["epoch"] for h in run["history"]] == epochs
         assert all(0.0 <= h["val_top1"] <= 100.0 for h in run["history"])
         assert all(h["train_loss"] > 0 for h in run["history"])
         assert run["final_val_top1"] == run["history"][-1]["val_top1"]
@@ -74,8 +81,12 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     assert result["config"]["variants"]["pks4_inner256"]["inner_dim"] == 256
     # per (regime, model) over the temporal task run (shuttle): mean, worst run, runs < 90%
     models = {(m["regime"], m["model"]): m for m in result["models"]}
-    assert set(models) == {(g, m) for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256")}
+    assert set(models) == {
+        (g, m) for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256")
+    } | {("frozen", "probe")}
     for (regime, model), m in models.items():
+        if model == "probe":
+            continue
         mine = [
             r for r in runs if (r["regime"], r["model"], r["task"]) == (regime, model, "shuttle")
         ]
@@ -136,6 +147,31 @@ def test_every_variant_builds_a_block() -> None:
     backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(16), num_features=16)
     x = torch.randn(1, 3, 3, 32, 32)
     for name, variant in motion_suite.VARIANTS.items():
+        if variant.temporal == "probe":
+            continue
         torch.manual_seed(0)
         model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
         assert model(x).shape == (1, 2), name
+
+
+def test_probe_reads_motion_from_the_cost_volume() -> None:
+    """Features that move left or right by one cell: the probe separates them; the same
+    features in a random order per clip leave it near chance."""
+    g = torch.Generator().manual_seed(0)
+
+    def clips(n: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        base = torch.rand(n, 8, 5, 12, generator=g)  # (N, C, H, W + room)
+        labels = torch.arange(n) % 2
+        frames = []
+        for t in range(4):
+            shift = torch.where(labels == 0, t, 3 - t)  # right, or left (reversed)
+            frames.append(torch.stack([b[..., s : s + 8] for b, s in zip(base, shift.tolist())]))
+        x = torch.stack(frames, 1)  # (N, T, C, H, W)
+        if shuffle:
+            x = torch.stack([c[torch.randperm(4, generator=g)] for c in x])
+        return x, labels
+
+    ordered = {"train": clips(40, False), "val": clips(40, False)}
+    assert motion_suite.cost_volume_probe(ordered, 2)["final_val_top1"] == 100.0
+    shuffled = {"train": clips(40, True), "val": clips(40, True)}
+    assert motion_suite.cost_volume_probe(shuffled, 2)["final_val_top1"] < 80.0
