@@ -80,14 +80,14 @@ VARIANTS: dict[str, Variant] = {
     "probe": Variant("probe", note="logistic regression on the raw features' cost volume"),
     "tconv": Variant("tconv", note="residual depthwise temporal conv, kernel 3"),
     "pks4": _pks4("PKS4Block defaults"),
-    # where the prior enters the scan (the default: the selection, delta/B/C, only)
-    "pks4_output": _pks4(
-        "prior also added to the scan's output", prior_targets=("selection", "output")
-    ),
+    # where the prior enters the scan (the default: delta/B/C and the output)
+    "pks4_selection_only": _pks4("prior into delta/B/C only", prior_targets=("selection",)),
     "pks4_stream": _pks4(
-        "prior also added to the scanned stream", prior_targets=("selection", "stream")
+        "prior also added to the scanned stream", prior_targets=("selection", "stream", "output")
     ),
-    "pks4_gate": _pks4("prior also added to the gate z", prior_targets=("selection", "gate")),
+    "pks4_gate": _pks4(
+        "prior also added to the gate z", prior_targets=("selection", "gate", "output")
+    ),
     "pks4_output_only": _pks4(
         "prior into the output only (no selection)", prior_targets=("output",)
     ),
@@ -107,7 +107,12 @@ VARIANTS: dict[str, Variant] = {
     "pks4_causal": _pks4("causal (forward scan only)", bidirectional=False),
     "pks4_inner256": _pks4("inner_dim 256", inner_dim=256),
     # what makes learning reliable
-    "pks4_no_prior_ln": _pks4("no LayerNorm on the prior (the first design)", prior_norm="none"),
+    "pks4_no_prior_ln": _pks4("no LayerNorm on the prior", prior_norm="none"),
+    "pks4_v0": _pks4(
+        "the first design: delta/B/C only, no LayerNorm",
+        prior_targets=("selection",),
+        prior_norm="none",
+    ),
     "pks4_dt_slow": _pks4("initial dt in [1e-4, 1e-2]", dt_min=1e-4, dt_max=1e-2),
     "pks4_dt_fast": _pks4("initial dt in [1e-2, 1]", dt_min=1e-2, dt_max=1.0),
     "pks4_temp_fixed": _pks4("correlation temperature fixed at 10", learn_corr_temperature=False),

@@ -126,10 +126,10 @@ def test_removed_cues_build_no_branch():
 
 
 def test_prior_targets_build_only_what_they_use():
+    assert _block(prior_targets=("selection",)).scan.prior_in_proj is None
     default = _block()
-    assert default.scan.prior_targets == ("selection",) and default.scan.prior_in_proj is None
-    output = _block(prior_targets=("selection", "output"))
-    assert output.scan.prior_in_proj.out_features == output.scan.d_inner
+    assert default.scan.prior_targets == ("selection", "output")
+    assert default.scan.prior_in_proj.out_features == default.scan.d_inner
     both = _block(prior_targets=("selection", "stream", "gate"))
     assert both.scan.prior_in_proj.out_features == 2 * both.scan.d_inner
     every = _block(prior_targets=("selection", "stream", "gate", "output"))
