@@ -52,8 +52,8 @@ results: $(STAMP)
 	$(PY) benchmarks/result_table.py
 
 # The motion suite: mean / tconv / PKS4 on six generated tasks (five of them order-only), three
-# seeds, frozen pretrained efficientnet_lite0 and a small CNN from scratch (about an hour on
-# 2 CPU cores); SUITE_ARGS="--models pks4,pks4_stream --regimes scratch" for an ablation.
+# seeds, frozen pretrained efficientnet_lite0 and a small CNN from scratch (about 38 minutes
+# on 2 CPU cores); SUITE_ARGS="--models pks4,pks4_stream --regimes scratch" for an ablation.
 suite: $(STAMP)
 	$(PY) benchmarks/motion_suite.py $(SUITE_ARGS)
 
