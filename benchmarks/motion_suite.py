@@ -32,6 +32,7 @@ seed) and the best epoch's; the JSON keeps every run's curve; the picture shows 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -384,9 +385,15 @@ def evaluate(model: nn.Module, logits: Callable, x: Tensor, y: Tensor, batch: in
 
 
 def make_backbones(args: argparse.Namespace) -> dict[str, Callable[[], FrameBackbone]]:
-    frozen = FrameBackbone(create_backbone("efficientnet_lite0", pretrained=not args.no_pretrained))
+    @functools.cache
+    def frozen() -> FrameBackbone:
+        # Built (and its weights loaded) on first use only, then shared: it never changes.
+        return FrameBackbone(
+            create_backbone("efficientnet_lite0", pretrained=not args.no_pretrained)
+        )
+
     return {
-        "frozen": lambda: frozen,  # shared: frozen, never changed
+        "frozen": frozen,
         "scratch": lambda: FrameBackbone(
             SmallCNN(args.scratch_width), num_features=args.scratch_width
         ),

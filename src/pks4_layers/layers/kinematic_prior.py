@@ -278,7 +278,7 @@ class KinematicPriorEncoder(nn.Module):
         kept = [cost] if "cost" in self.cues else []
         if "displacement" in self.cues:
             kept += self._match_summary(cost)
-        later = torch.cat(kept, dim=-1).to(first.dtype) if len(kept) > 1 else kept[0]
+        later = torch.cat(kept, dim=-1).to(first.dtype)
         if state is None:
             return torch.cat([first, later], dim=1)
         # A stream's first frame has no predecessor either: the same zeros, whatever the

@@ -7,7 +7,7 @@ frames: nothing is flattened across space, so the cost is linear in ``T`` and in
 locations, and the spatial layout is kept. The selection is driven by the kinematic prior:
 it enters the projections that give the step size ``delta`` (how fast the state is updated),
 ``B`` (what is written) and ``C`` (what is read) at each frame. Where else the prior enters
-(the scanned stream, the gate) is a constructor argument, ``prior_targets``.
+(the scanned stream, the gate, the scan's output) is a constructor argument, ``prior_targets``.
 """
 
 from __future__ import annotations
@@ -230,10 +230,13 @@ class ParallelTemporalScan(nn.Module):
         self.prior_targets = tuple(t for t in PRIOR_TARGETS if t in targets)
         rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(dim, 2 * self.d_inner)
-        # The prior added to the scanned stream, the gate and / or the output: one map for all.
-        added = [t for t in ("stream", "gate", "output") if t in targets]
+        # The prior added to the scanned stream, the gate and / or the output: one map for all,
+        # its output split in this order.
+        self.prior_added_to = tuple(t for t in ("stream", "gate", "output") if t in targets)
         self.prior_in_proj = (
-            nn.Linear(prior_dim, len(added) * self.d_inner, bias=False) if added else None
+            nn.Linear(prior_dim, len(self.prior_added_to) * self.d_inner, bias=False)
+            if self.prior_added_to
+            else None
         )
         directions = [False, True] if bidirectional else [False]
         self.directions = nn.ModuleList(
@@ -266,8 +269,8 @@ class ParallelTemporalScan(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         if self.prior_in_proj is None:
             return xs, z, None
-        targets = [t for t in ("stream", "gate", "output") if t in self.prior_targets]
-        added = dict(zip(targets, self.prior_in_proj(prior).split(self.d_inner, dim=-1)))
+        parts = self.prior_in_proj(prior).split(self.d_inner, dim=-1)
+        added = dict(zip(self.prior_added_to, parts))
         if "stream" in added:
             xs = xs + added["stream"]
         if "gate" in added:
