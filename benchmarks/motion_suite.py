@@ -98,6 +98,10 @@ VARIANTS: dict[str, Variant] = {
         "prior without soft-argmax displacement and confidence", cues=("cost", "difference")
     ),
     "pks4_no_difference": _pks4("prior without frame differences", cues=("cost", "displacement")),
+    "pks4_change": _pks4(
+        "prior with the change of motion since the previous frame pair",
+        cues=("cost", "displacement", "difference", "change"),
+    ),
     # output projection, sizes, direction
     "pks4_small_out": _pks4("output projection small random (std 0.02)", out_init="small"),
     "pks4_state4": _pks4("d_state 4", d_state=4),

@@ -47,6 +47,8 @@ OPTIONS = [
     {"cues": ("cost", "difference")},
     {"cues": ("cost", "displacement")},
     {"cues": ("difference",)},
+    {"cues": ("cost", "displacement", "difference", "change")},
+    {"cues": ("displacement", "change")},
     {"prior_norm": "layer"},
     {"learn_corr_temperature": False, "corr_temperature": 3.0},
     {"dt_min": 1e-2, "dt_max": 1.0},
@@ -87,6 +89,7 @@ def test_float64_gradcheck_with_every_option_on():
         _block(
             inner_dim=8,
             prior_targets=("selection", "stream", "gate"),
+            cues=("cost", "displacement", "difference", "change"),
             prior_norm="layer",
             d_state=2,
             radius=1,
@@ -123,6 +126,27 @@ def test_removed_cues_build_no_branch():
     assert not hasattr(only_corr.prior, "diff_reduce")
     # has_previous + the cost volume's (2r+1)^2 entries
     assert only_corr.prior.fuse[0].in_features == 1 + 25
+
+
+def test_change_cue_is_the_change_of_the_motion_cues_since_the_previous_pair():
+    """What the fusion gets: motion[t] - motion[t-1] where both frames have a predecessor (t >= 2),
+    zero at frames 0 and 1, and that flag; the motion cues themselves are unchanged."""
+    block = _block(cues=("cost", "displacement", "change"))
+    enc = block.prior
+    seen = []
+    enc.fuse.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 6, 12, DIM)
+    enc(x, (3, 4))
+    fused = seen[0]
+    M = enc.motion_dim
+    assert M == 25 + 3 and fused.shape[-1] == M + 1 + M + 1
+    motion, has_previous, change, flag = fused.split([M, 1, M, 1], dim=-1)
+    assert torch.equal(has_previous[:, :, 0, 0], torch.tensor([[0.0] + [1.0] * 5] * 2))
+    assert torch.equal(flag[:, :, 0, 0], torch.tensor([[0.0, 0.0] + [1.0] * 4] * 2))
+    assert not change[:, :2].any()
+    assert_close(change[:, 2:], motion[:, 2:] - motion[:, 1:-1])
+    with pytest.raises(ValueError, match="cues: expected 'cost' or 'displacement' with 'change'"):
+        _block(cues=("difference", "change"))
 
 
 def test_prior_targets_build_only_what_they_use():

@@ -56,15 +56,23 @@ def test_recovers_a_known_translation(shift):
     assert torch.count_nonzero(cues[0, 0]) == 0
 
 
-def test_prior_depends_only_on_the_frame_and_its_predecessor():
+@pytest.mark.parametrize(
+    "cues, reach",
+    [
+        (("cost", "displacement", "difference"), [False, False, False, True, True, False]),
+        # the change of the motion cues since the previous pair also reaches frame t + 2
+        (("cost", "displacement", "difference", "change"), [False, False, False, True, True, True]),
+    ],
+)
+def test_prior_depends_only_on_the_frame_and_its_predecessors(cues, reach):
     torch.manual_seed(2)
-    enc = KinematicPriorEncoder(8, prior_dim=6, radius=1).double()
+    enc = KinematicPriorEncoder(8, prior_dim=6, radius=1, cues=cues).double()
     x = torch.randn(1, 6, 12, 8, dtype=torch.float64)
     base = enc(x, (3, 4))
     x2 = x.clone()
     x2[:, 3] += 1.0
     changed = (enc(x2, (3, 4)) - base).abs().amax(dim=(0, 2, 3)) > 0
-    assert changed.tolist() == [False, False, False, True, True, False]
+    assert changed.tolist() == reach
     # No wrap-around: the last frame never reaches frame 0.
     x3 = x.clone()
     x3[:, -1] += 1.0

@@ -8,6 +8,7 @@ from torch import nn
 
 from pks4_layers import PKS4Block
 from pks4_layers.layers import PKS4StreamState
+from pks4_layers.layers.kinematic_prior import PRIOR_CUES
 from pks4_layers.layers.temporal_conv import temporal_conv, temporal_conv_step
 from pks4_layers.models import PKS4VideoClassifier
 from scan_cases import device_for
@@ -177,14 +178,19 @@ def test_stream_errors():
         block.init_stream(0, (2, 2))
 
 
-def test_long_stream_has_constant_memory():
+@pytest.mark.parametrize(
+    "cues, motion", [(("cost", "displacement", "difference"), 0), (PRIOR_CUES, 25 + 3)]
+)
+def test_long_stream_has_constant_memory(cues, motion):
     """500 frames in chunks of 7: the state's tensors keep their shapes, the outputs stay finite."""
-    block = _block(8, prior_dim=4, d_state=3, corr_dim=4, diff_dim=3)
+    block = _block(8, prior_dim=4, d_state=3, corr_dim=4, diff_dim=3, cues=cues)
     batch, grid, prefix = 2, (2, 3), 1
     state = block.init_stream(batch, grid, num_prefix_tokens=prefix)
     shapes = [(t.shape, t.dtype) for t in state.tensors()]
     HW, L, d_inner = 6, 7, 8
-    numbers = batch * (HW * (4 + 3) + 1 + L * d_inner * (4 - 1 + 3))
+    # the previous frame's reduced features (and motion cues for "change"), two flags, the
+    # causal conv's last inputs and the scan state
+    numbers = batch * (HW * (4 + 3 + motion) + 2 + L * d_inner * (4 - 1 + 3))
     assert sum(t.numel() for t in state.tensors()) == numbers
     nbytes = state.nbytes
     g = torch.Generator().manual_seed(0)

@@ -9,16 +9,20 @@ its abstract; the paper's exact formulas were not available. Two cues per frame 
   by a soft-argmax displacement ``(dx, dy)`` and a confidence (one minus the normalised entropy
   of the match distribution);
 * motion boundaries: the difference of reduced features between ``t`` and ``t-1``, passed
-  through a small spatial convolution so that it sees where motion starts and stops.
+  through a small spatial convolution so that it sees where motion starts and stops;
+* change of motion: the displacement cues of frame pair ``(t-1, t)`` minus those of
+  ``(t-2, t-1)``, a per-location acceleration: where a motion starts, stops or turns.
 
 Frame 0 has no predecessor: its cost volume, displacement, confidence and difference are zero,
-and a ``has_previous`` channel tells the fusion which frames had one. Nothing wraps around.
+and a ``has_previous`` channel tells the fusion which frames had one; likewise the change is
+zero at frames 0 and 1, with its own flag. Nothing wraps around.
 
 Which cues reach the fusion is a constructor argument (``cues``), so that each can be left out
 and measured; a branch whose cues are all left out is not built.
 
-The prior of frame ``t`` depends on frames ``t`` and ``t-1`` only, so it streams:
-``KinematicPriorEncoder.step`` keeps the previous frame's reduced features between chunks.
+The prior of frame ``t`` depends on frames ``t``, ``t-1`` and (with the change cue) ``t-2`` only,
+so it streams: ``KinematicPriorEncoder.step`` keeps the previous frame's reduced features (and
+motion cues) between chunks.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from torch import Tensor, nn
 from ._checks import check_grid, check_same_dtype, check_tokens
 from .stream_state import PriorStreamState
 
-PRIOR_CUES = ("cost", "displacement", "difference")
+PRIOR_CUES = ("cost", "displacement", "difference", "change")
+# The change of motion is left out by default: see the README's ablations.
+DEFAULT_CUES = ("cost", "displacement", "difference")
 PRIOR_NORMS = ("none", "layer")
 
 
@@ -70,8 +76,10 @@ class KinematicPriorEncoder(nn.Module):
         corr_dim: channels the features are reduced to before correlation.
         diff_dim: channels of the frame-difference branch.
         cues: the cues fused into the prior, a subset of ``("cost", "displacement",
-            "difference")``: the cost volume itself, its soft-argmax displacement ``(dx, dy)``
-            with the match confidence, the frame-difference features.
+            "difference", "change")``: the cost volume itself, its soft-argmax displacement
+            ``(dx, dy)`` with the match confidence, the frame-difference features, the change
+            of the kept cost-volume and displacement cues since the previous frame pair (needs
+            ``"cost"`` or ``"displacement"``).
         corr_temperature: initial scale of the cosine similarities in the match softmax.
         learn_corr_temperature: learn that scale (``False`` keeps it fixed).
         prior_norm: ``"layer"`` puts a LayerNorm on the fused prior (unit scale whatever the
@@ -89,7 +97,7 @@ class KinematicPriorEncoder(nn.Module):
         radius: int = 2,
         corr_dim: int = 64,
         diff_dim: int = 32,
-        cues: Sequence[str] = PRIOR_CUES,
+        cues: Sequence[str] = DEFAULT_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "none",
@@ -101,6 +109,11 @@ class KinematicPriorEncoder(nn.Module):
         if not cues or any(c not in PRIOR_CUES for c in cues) or len(set(cues)) != len(cues):
             raise ValueError(
                 f"cues: expected a non-empty subset of {list(PRIOR_CUES)}, got {list(cues)}"
+            )
+        if "change" in cues and not {"cost", "displacement"} & set(cues):
+            raise ValueError(
+                f"cues: expected 'cost' or 'displacement' with 'change' (the change of those "
+                f"cues), got {list(cues)}"
             )
         if not corr_temperature > 0:
             raise ValueError(f"corr_temperature: expected > 0, got {corr_temperature!r}")
@@ -137,7 +150,8 @@ class KinematicPriorEncoder(nn.Module):
         self.motion_dim = (self.num_displacements if "cost" in cues else 0) + (
             3 if "displacement" in cues else 0
         )
-        fused_in = self.motion_dim + 1 + self.diff_dim
+        self.change_dim = self.motion_dim + 1 if "change" in cues else 0
+        fused_in = self.motion_dim + 1 + self.diff_dim + self.change_dim
         self.fuse = nn.Sequential(
             nn.Linear(fused_in, 2 * prior_dim),
             nn.GELU(),
@@ -181,6 +195,14 @@ class KinematicPriorEncoder(nn.Module):
                 batch_size, num_locations, self.diff_dim, device=device, dtype=dtype
             ),
             has_previous=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            previous_motion=torch.zeros(
+                batch_size,
+                num_locations,
+                self.motion_dim if self.change_dim else 0,
+                device=device,
+                dtype=dtype,
+            ),
+            previous_has_motion=torch.zeros(batch_size, dtype=torch.bool, device=device),
         )
 
     def step(
@@ -208,15 +230,14 @@ class KinematicPriorEncoder(nn.Module):
                 f"state: expected previous_corr of shape {expected} (batch and locations of x), "
                 f"got {tuple(state.previous_corr.shape)}"
             )
-        prior, corr, diff = self._encode(x, H, W, state)
-        return prior, PriorStreamState(corr, diff, torch.ones_like(state.has_previous))
+        return self._encode(x, H, W, state)
 
     def _encode(
         self, x: Tensor, H: int, W: int, state: Optional[PriorStreamState]
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """The prior and, when streaming, the last frame's normalised and difference features
-        (``None`` otherwise). Without a state, frame 0 has no predecessor; with one, frame 0's
-        predecessor is the state's, if it has one (``has_previous``)."""
+    ) -> tuple[Tensor, Optional[PriorStreamState]]:
+        """The prior and, when streaming, the state after the chunk (``None`` otherwise).
+        Without a state, frame 0 has no predecessor; with one, frame 0's predecessor is the
+        state's, if it has one (``has_previous``)."""
         Bsz, T, L, _ = x.shape
         # keep[b, t]: frame t has a predecessor.
         keep = torch.ones(Bsz, T, dtype=torch.bool, device=x.device)
@@ -236,11 +257,40 @@ class KinematicPriorEncoder(nn.Module):
                 diff = self.diff_reduce(x)
                 boundaries = self._difference_cues(x, H, W, state, keep, diff)
         has_previous = keep.to(x.dtype)[..., None, None].expand(Bsz, T, L, 1)
-        prior = self.norm(self.fuse(torch.cat([motion, has_previous, boundaries], dim=-1)))
+        change = none
+        if self.change_dim:
+            change = self._change_cues(motion, keep, state)
+        prior = self.norm(self.fuse(torch.cat([motion, has_previous, boundaries, change], dim=-1)))
         if state is None:
-            return prior, None, None
+            return prior, None
         # Copies, not views: the state must not keep the whole chunk alive.
-        return prior, corr[:, -1].clone(), diff[:, -1].clone()
+        last_motion = motion[:, -1].clone() if self.change_dim else motion.new_zeros(Bsz, L, 0)
+        return prior, PriorStreamState(
+            previous_corr=corr[:, -1].clone(),
+            previous_diff=diff[:, -1].clone(),
+            has_previous=torch.ones_like(state.has_previous),
+            previous_motion=last_motion,
+            previous_has_motion=keep[:, -1].clone(),
+        )
+
+    def _change_cues(
+        self, motion: Tensor, keep: Tensor, state: Optional[PriorStreamState]
+    ) -> Tensor:
+        """How the motion cues changed since the previous frame pair: ``motion[t] -
+        motion[t-1]`` where frames ``t`` and ``t-1`` both have a predecessor (zero elsewhere),
+        and that flag: ``(B, T, L, motion_dim + 1)``."""
+        Bsz, T, L, _ = motion.shape
+        if state is None:
+            before = motion.new_zeros(Bsz, 1, L, self.motion_dim)
+            had = torch.zeros(Bsz, 1, dtype=torch.bool, device=motion.device)
+        else:
+            before = state.previous_motion.unsqueeze(1).to(motion.dtype)
+            had = state.previous_has_motion.unsqueeze(1)
+        # narrow, not slices: see _displacement_cues.
+        previous = torch.cat([before, motion.narrow(1, 0, T - 1)], 1)
+        both = (keep & torch.cat([had, keep.narrow(1, 0, T - 1)], 1))[..., None, None]
+        step = torch.where(both, motion - previous, motion.new_zeros(()))
+        return torch.cat([step, both.to(motion.dtype).expand(Bsz, T, L, 1)], dim=-1)
 
     def _displacement_cues(
         self,

@@ -10,12 +10,15 @@ Shapes (``B`` batch, ``HW = H * W`` spatial locations, ``L = num_prefix_tokens +
 locations):
 
 * :class:`PriorStreamState`: ``previous_corr (B, HW, corr_dim)``,
-  ``previous_diff (B, HW, diff_dim)``, ``has_previous (B,)``;
+  ``previous_diff (B, HW, diff_dim)``, ``has_previous (B,)``, ``previous_motion (B, HW, M)``
+  (``M``: the motion cues' channels with the ``"change"`` cue, 0 without),
+  ``previous_has_motion (B,)``;
 * :class:`ScanStreamState`: ``conv_inputs (B, d_conv - 1, L, d_inner)``,
   ``scan_state (B, L, d_inner, d_state)`` (float32, float64 for float64 inputs);
 * :class:`PKS4StreamState`: one of each.
 
-In all, ``B * (HW * (corr_dim + diff_dim) + 1 + L * d_inner * (d_conv - 1 + d_state))`` numbers.
+In all, ``B * (HW * (corr_dim + diff_dim + M) + 2 + L * d_inner * (d_conv - 1 + d_state))``
+numbers.
 """
 
 from __future__ import annotations
@@ -79,11 +82,17 @@ class PriorStreamState(StreamState):
         previous_diff: ``(B, HW, diff_dim)``, the reduced features subtracted from the next frame.
         has_previous: ``(B,)`` bool; ``False`` before the first frame, whose motion cues are zero
             by design, exactly as in a call on the whole clip.
+        previous_motion: ``(B, HW, motion_dim)``, the previous frame's motion cues (cost volume,
+            displacement, confidence), from which the ``"change"`` cue is taken (``motion_dim``
+            is 0 without that cue).
+        previous_has_motion: ``(B,)`` bool; the previous frame had a predecessor itself.
     """
 
     previous_corr: Tensor
     previous_diff: Tensor
     has_previous: Tensor
+    previous_motion: Tensor
+    previous_has_motion: Tensor
 
 
 @dataclass
