@@ -92,15 +92,20 @@ VARIANTS: dict[str, Variant] = {
     "pks4_output_only": _pks4(
         "prior into the output only (no selection)", prior_targets=("output",)
     ),
-    # which cues the prior keeps
-    "pks4_no_cost": _pks4("prior without the cost volume", cues=("displacement", "difference")),
-    "pks4_no_displacement": _pks4(
-        "prior without soft-argmax displacement and confidence", cues=("cost", "difference")
+    # which cues the prior keeps (the default: all four)
+    "pks4_no_cost": _pks4(
+        "prior without the cost volume", cues=("displacement", "difference", "change")
     ),
-    "pks4_no_difference": _pks4("prior without frame differences", cues=("cost", "displacement")),
-    "pks4_change": _pks4(
-        "prior with the change of motion since the previous frame pair",
-        cues=("cost", "displacement", "difference", "change"),
+    "pks4_no_displacement": _pks4(
+        "prior without soft-argmax displacement and confidence",
+        cues=("cost", "difference", "change"),
+    ),
+    "pks4_no_difference": _pks4(
+        "prior without frame differences", cues=("cost", "displacement", "change")
+    ),
+    "pks4_no_change": _pks4(
+        "prior without the change of motion (the default before it)",
+        cues=("cost", "displacement", "difference"),
     ),
     # output projection, sizes, direction
     "pks4_small_out": _pks4("output projection small random (std 0.02)", out_init="small"),
@@ -114,9 +119,10 @@ VARIANTS: dict[str, Variant] = {
     # what makes learning reliable
     "pks4_no_prior_ln": _pks4("no LayerNorm on the prior", prior_norm="none"),
     "pks4_v0": _pks4(
-        "the first design: delta/B/C only, no LayerNorm",
+        "the first design: delta/B/C only, no LayerNorm, no change of motion",
         prior_targets=("selection",),
         prior_norm="none",
+        cues=("cost", "displacement", "difference"),
     ),
     "pks4_dt_slow": _pks4("initial dt in [1e-4, 1e-2]", dt_min=1e-4, dt_max=1e-2),
     "pks4_dt_fast": _pks4("initial dt in [1e-2, 1]", dt_min=1e-2, dt_max=1.0),

@@ -67,6 +67,24 @@ def test_ints_are_accepted_for_float_fields():
     assert isinstance(cfg.lr, float) and cfg.lr == 1.0
 
 
+def test_prior_targets_reach_the_block_and_bad_ones_name_the_key():
+    from pks4_layers.train.engine import build_model
+
+    cfg, _ = parse_args(["--prior-targets", "selection", "--backbone", "resnet18"])
+    assert cfg.block_kwargs() == {"prior_targets": ("selection",)}
+    model = build_model(cfg, num_classes=3, random_weights=True)
+    assert model.temporal.scan.prior_targets == ("selection",)
+    assert model.temporal.scan.prior_in_proj is None
+    default = build_model(parse_args(["--backbone", "resnet18"])[0], 3, random_weights=True)
+    assert default.temporal.scan.prior_targets == ("selection", "output")
+    with pytest.raises(ValueError, match=r"^prior_targets: expected .*did you mean 'selection'"):
+        config_from_mapping({"prior_targets": "selction"})
+    with pytest.raises(ValueError, match=r"^prior_targets: expected .*got 'output,output'"):
+        config_from_mapping({"prior_targets": "output,output"})
+    with pytest.raises(ValueError, match=r"^prior_targets: expected empty unless temporal is pks4"):
+        config_from_mapping({"prior_targets": "selection", "temporal": "tconv"})
+
+
 # --------------------------------------------------------------------------------- sampler
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_sampler_steps_equal_single_process_global_batches(world_size):

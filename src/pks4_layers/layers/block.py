@@ -20,7 +20,7 @@ from ._checks import (
     check_same_dtype,
     check_tokens,
 )
-from .kinematic_prior import DEFAULT_CUES, KinematicPriorEncoder
+from .kinematic_prior import PRIOR_CUES, KinematicPriorEncoder
 from .recompute import maybe_recompute
 from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
@@ -55,13 +55,15 @@ class PKS4Block(nn.Module):
         prior_targets: where the prior enters the scan (see :class:`ParallelTemporalScan`):
             by default the projections to ``delta``, ``B``, ``C`` and, through a linear map,
             the scan's output. After a frozen backbone the output route lifted the motion
-            suite's pan task from 81% to 95% and its object task from 56% to 94%; with a
-            backbone trained from scratch it lost on the object task (66% against 97% for
-            ``("selection",)``, which is the better choice there): see the README's ablations.
-        cues: the cues the prior keeps (see :class:`KinematicPriorEncoder`); by default the
-            cost volume, the displacement and confidence, the frame differences. Adding
-            ``"change"`` (of the motion cues since the previous frame pair) lifted the frozen
-            backbone's onset task from 54% to 69% but cost the scratch object task 5 points.
+            suite's pan task from 81% to 95% and its object task from 56% to 93%. With a
+            backbone trained from scratch, ``("selection",)`` is the better choice: it met
+            every target of the suite there (worst task 90%, worst seed 87.5%) where the
+            default lost the object and onset tasks (70% and 71%): see the README's ablations.
+        cues: the cues the prior keeps (see :class:`KinematicPriorEncoder`); by default all
+            four: the cost volume, the displacement and confidence, the frame differences and
+            the change of the first two since the previous frame pair. The change lifted the
+            motion suite's onset task after a frozen backbone from 54% to 69% (within two
+            points elsewhere).
         out_init: ``"zero"`` (identity at insertion) or ``"small"`` (normal, std 0.02).
         dt_min, dt_max: range of the scan's initial step sizes.
         corr_temperature, learn_corr_temperature, prior_norm: the prior encoder's match
@@ -104,7 +106,7 @@ class PKS4Block(nn.Module):
         backend: str = "auto",
         inner_dim: Optional[int] = None,
         prior_targets: Sequence[str] = ("selection", "output"),
-        cues: Sequence[str] = DEFAULT_CUES,
+        cues: Sequence[str] = PRIOR_CUES,
         out_init: str = "zero",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,

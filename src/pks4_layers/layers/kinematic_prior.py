@@ -39,8 +39,6 @@ from ._checks import check_grid, check_same_dtype, check_tokens
 from .stream_state import PriorStreamState
 
 PRIOR_CUES = ("cost", "displacement", "difference", "change")
-# The change of motion is left out by default: see the README's ablations.
-DEFAULT_CUES = ("cost", "displacement", "difference")
 PRIOR_NORMS = ("none", "layer")
 
 
@@ -97,7 +95,7 @@ class KinematicPriorEncoder(nn.Module):
         radius: int = 2,
         corr_dim: int = 64,
         diff_dim: int = 32,
-        cues: Sequence[str] = DEFAULT_CUES,
+        cues: Sequence[str] = PRIOR_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "none",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
 from ..data.benchmark import TASKS as BENCHMARK_TASKS
+from ..layers.temporal_scan import PRIOR_TARGETS
 from .errors import (
     MissingPathError,
     UsageError,
@@ -101,6 +102,14 @@ class TrainConfig:
         default=0, metadata={"help": "also tune the backbone's last N blocks (0: none)"}
     )
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+    prior_targets: str = field(
+        default="",
+        metadata={
+            "help": "pks4: where the kinematic prior enters the scan, comma-separated of "
+            f"{', '.join(PRIOR_TARGETS)} (empty: the block's default, selection,output, measured "
+            "after a frozen backbone; selection alone suits a backbone trained from scratch)"
+        },
+    )
 
     # Optimisation
     epochs: int = field(default=10, metadata={"help": "training epochs"})
@@ -159,6 +168,20 @@ class TrainConfig:
         for name in nonnegative + ("global_batch", "max_steps_per_epoch", "tune_last_blocks"):
             if getattr(self, name) < 0:
                 raise UsageError(name, ">= 0", str(getattr(self, name)))
+        if self.prior_targets:
+            targets = self.prior_target_list()
+            if self.temporal != "pks4":
+                raise UsageError(
+                    "prior_targets", "empty unless temporal is pks4", repr(self.prior_targets)
+                )
+            bad = [t for t in targets if t not in PRIOR_TARGETS]
+            if not targets or bad or len(set(targets)) != len(targets):
+                hint = "".join(did_you_mean(t, PRIOR_TARGETS) for t in bad[:1])
+                raise UsageError(
+                    "prior_targets",
+                    f"comma-separated distinct names of {PRIOR_TARGETS}{hint}",
+                    repr(self.prior_targets),
+                )
         if self.tune_last_blocks and not self.freeze_backbone:
             raise UsageError(
                 "tune_last_blocks",
@@ -166,6 +189,16 @@ class TrainConfig:
                 str(self.tune_last_blocks),
             )
         return self
+
+    def prior_target_list(self) -> list[str]:
+        """``prior_targets`` as a list of names (empty: the block's default)."""
+        return [t.strip() for t in self.prior_targets.split(",") if t.strip()]
+
+    def block_kwargs(self) -> dict[str, Any]:
+        """Arguments of the temporal module that the config sets (none: its defaults)."""
+        if self.temporal == "pks4" and self.prior_targets:
+            return {"prior_targets": tuple(self.prior_target_list())}
+        return {}
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches each process accumulates per optimizer step, so that one step takes

@@ -341,6 +341,7 @@ def build_model(cfg: TrainConfig, num_classes: int, random_weights: bool = False
             temporal=cfg.temporal,
             freeze_backbone=cfg.freeze_backbone,
             drop_rate=cfg.drop_rate,
+            block_kwargs=cfg.block_kwargs(),
             pretrained=pretrained,
         )
     except Exception as err:
