@@ -551,10 +551,15 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    # One legend for the figure: a model need not run in every panel (the probe: frozen only).
+    handles = [
+        plt.Line2D([], [], color=colours[k % len(colours)], lw=1, label=m)
+        for k, m in enumerate(models)
+    ]
+    fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(models), frameon=False)
     fig.supxlabel("epoch", fontsize=8)
     fig.supylabel("val top-1 (%), one line per seed", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
