@@ -147,6 +147,10 @@ def test_change_cue_is_the_change_of_the_motion_cues_since_the_previous_pair():
     assert_close(change[:, 2:], motion[:, 2:] - motion[:, 1:-1])
     with pytest.raises(ValueError, match="cues: expected 'cost' or 'displacement' with 'change'"):
         _block(cues=("difference", "change"))
+    # A stream state from an encoder without the change cue is refused by name, not in a kernel.
+    without = _block(cues=("cost", "displacement")).prior
+    with pytest.raises(ValueError, match=r"state: expected previous_motion of shape \(2, 12, 28\)"):
+        enc.step(x, (3, 4), without.init_stream(2, 12))
 
 
 def test_prior_targets_build_only_what_they_use():

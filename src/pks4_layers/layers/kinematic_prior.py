@@ -2,7 +2,7 @@
 
 This is our interpretation of the kinematic prior of Zeng et al., "PKS^4: Parallel Kinematic
 Selective State Space Scanners for Efficient Video Understanding" (arXiv:2604.26461), built from
-its abstract; the paper's exact formulas were not available. Two cues per frame and location:
+its abstract; the paper's exact formulas were not available. Three cues per frame and location:
 
 * displacement: a local correlation cost volume between frame ``t`` and frame ``t-1`` over a
   ``(2r+1)^2`` window of displacements, on L2-normalised, channel-reduced features, summarised
@@ -222,12 +222,20 @@ class KinematicPriorEncoder(nn.Module):
         H, W = check_grid(grid, x.shape[2])
         if state is None:
             state = self.init_stream(x.shape[0], x.shape[2], x.device, x.dtype)
-        expected = (x.shape[0], x.shape[2], self.corr_dim)
-        if tuple(state.previous_corr.shape) != expected:
-            raise ValueError(
-                f"state: expected previous_corr of shape {expected} (batch and locations of x), "
-                f"got {tuple(state.previous_corr.shape)}"
-            )
+        Bsz, L = x.shape[0], x.shape[2]
+        for name, channels, why in (
+            ("previous_corr", self.corr_dim, "batch and locations of x"),
+            (
+                "previous_motion",
+                self.motion_dim if self.change_dim else 0,
+                "batch and locations of x, this encoder's cues",
+            ),
+        ):
+            got = tuple(getattr(state, name).shape)
+            if got != (Bsz, L, channels):
+                raise ValueError(
+                    f"state: expected {name} of shape {(Bsz, L, channels)} ({why}), got {got}"
+                )
         return self._encode(x, H, W, state)
 
     def _encode(
