@@ -51,7 +51,7 @@ class PKS4Block(nn.Module):
         backend: backend of :func:`pks4_layers.ops.motion_scan`.
         inner_dim: width the block works at (default ``dim``): after a wide backbone a
             narrower one keeps the block small (``efficientnet_lite0``'s 1280 channels with
-            ``inner_dim=256``: 0.88 M parameters, a sixth of the full-width block).
+            ``inner_dim=256``: 0.89 M parameters, a sixth of the full-width block).
         prior_targets: where the prior enters the scan (see :class:`ParallelTemporalScan`):
             by default the projections to ``delta``, ``B``, ``C`` and, through a linear map,
             the scan's output. After a frozen backbone the output route lifted the motion
