@@ -149,6 +149,8 @@ class KinematicPriorEncoder(nn.Module):
             3 if "displacement" in cues else 0
         )
         self.change_dim = self.motion_dim + 1 if "change" in cues else 0
+        # The motion cues a stream carries to the next chunk: only the change cue reads them.
+        self.carried_motion_dim = self.motion_dim if self.change_dim else 0
         fused_in = self.motion_dim + 1 + self.diff_dim + self.change_dim
         self.fuse = nn.Sequential(
             nn.Linear(fused_in, 2 * prior_dim),
@@ -196,7 +198,7 @@ class KinematicPriorEncoder(nn.Module):
             previous_motion=torch.zeros(
                 batch_size,
                 num_locations,
-                self.motion_dim if self.change_dim else 0,
+                self.carried_motion_dim,
                 device=device,
                 dtype=dtype,
             ),
@@ -227,7 +229,7 @@ class KinematicPriorEncoder(nn.Module):
             ("previous_corr", self.corr_dim, "batch and locations of x"),
             (
                 "previous_motion",
-                self.motion_dim if self.change_dim else 0,
+                self.carried_motion_dim,
                 "batch and locations of x, this encoder's cues",
             ),
         ):
@@ -270,12 +272,11 @@ class KinematicPriorEncoder(nn.Module):
         if state is None:
             return prior, None
         # Copies, not views: the state must not keep the whole chunk alive.
-        last_motion = motion[:, -1].clone() if self.change_dim else motion.new_zeros(Bsz, L, 0)
         return prior, PriorStreamState(
             previous_corr=corr[:, -1].clone(),
             previous_diff=diff[:, -1].clone(),
             has_previous=torch.ones_like(state.has_previous),
-            previous_motion=last_motion,
+            previous_motion=motion[:, -1, :, : self.carried_motion_dim].clone(),
             previous_has_motion=keep[:, -1].clone(),
         )
 
