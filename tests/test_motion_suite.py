@@ -1,9 +1,10 @@
 """``benchmarks/motion_suite.py`` on a tiny configuration: both regimes, two seeds, real clips.
 
 Checks that every (regime, task, model, seed) run trains on real computation (the loss moves,
-the curves have one point per epoch), that the summary's mean, standard deviation and worst
-seed are those of the runs, and that the table, JSON and picture are written. Accuracies are
-not asserted: a tiny run says nothing about them.
+the curves have one point per epoch), that each seed draws its own clips, that the summary's
+mean, interval, worst seed and paired difference are those of the runs' per-clip results on
+the reported split, that ``--resume`` keeps finished runs, and that the table, JSON and picture
+are written. Accuracies are not asserted: a tiny run says nothing about them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     argv = [
         "--regimes=frozen,scratch",
         "--tasks=shuttle,spatial",
-        "--models=mean,probe,pks4_inner256",
+        "--models=mean,probe,probe_local,pks4_inner256,pks4",
         "--seeds=0,1",
         "--epochs=2",
         "--frames=4",
@@ -38,7 +39,9 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
         "--scratch-width=16",
         "--train-clips=8",
         "--val-clips=6",
+        "--test-clips=4",
         "--batch-size=4",
+        "--report-split=test",
         "--no-pretrained",
         f"--data-root={tmp_path / 'data'}",
         f"--out={out}",
@@ -48,30 +51,56 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     result = json.loads(out.with_suffix(".json").read_text())
     runs, rows = result["runs"], result["rows"]
-    # the probe runs in the frozen regime only
-    assert len(runs) == 2 * 2 * 2 * 2 + 2 * 2 and len(rows) == 2 * 2 * 2 + 2
-    probe = [r for r in runs if r["model"] == "probe"]
-    assert {r["regime"] for r in probe} == {"frozen"} and len(probe) == 4
-    # deterministic: both seeds give the same probe
-    for task in ("shuttle", "spatial"):
-        assert len({r["final_val_top1"] for r in probe if r["task"] == task}) == 1
+    # the probes run in the frozen regime only: 2 tasks x 2 seeds x (5 frozen + 3 scratch)
+    assert len(runs) == 2 * 2 * (5 + 3) and len(rows) == 2 * (5 + 3)
+    for probe in ("probe", "probe_local"):
+        mine = [r for r in runs if r["model"] == probe]
+        assert {r["regime"] for r in mine} == {"frozen"} and len(mine) == 4
     for run in runs:
-        epochs = [1] if run["model"] == "probe" else [1, 2]  # the probe is fitted once
+        epochs = [1] if run["model"].startswith("probe") else [1, 2]  # the probes: one fit
         assert [h["epoch"] for h in run["history"]] == epochs
         assert all(0.0 <= h["val_top1"] <= 100.0 for h in run["history"])
         assert all(h["train_loss"] > 0 for h in run["history"])
         assert run["final_val_top1"] == run["history"][-1]["val_top1"]
+        # per clip: the last epoch's validation, and the test split once
+        assert len(run["val_correct"]) == 6 and set(run["val_correct"]) <= {0, 1}
+        assert 100.0 * sum(run["val_correct"]) / 6 == pytest.approx(run["final_val_top1"])
+        assert len(run["test_correct"]) == 4 and set(run["test_correct"]) <= {0, 1}
+    # each seed draws its own clips: the data directories differ, and so do the clips
+    data = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert data == ["32px-4f-seed0", "32px-4f-seed1"]
+    first = [(tmp_path / "data" / d / "shuttle" / "testlist.txt").read_text() for d in data]
+    assert first[0] == first[1]  # the same listing ...
+    clip = "oneway/test_0000.mkv"
+    frames = [
+        motion_suite.read_frames(tmp_path / "data" / d / "shuttle" / "videos" / clip, range(4))
+        for d in data
+    ]
+    assert not torch.equal(frames[0], frames[1])  # ... of other clips
     for row in rows:
         mine = [
-            r["final_val_top1"]
+            r
             for r in runs
             if (r["regime"], r["task"], r["model"]) == (row["regime"], row["task"], row["model"])
         ]
-        assert row["seeds"] == 2
-        assert row["final_mean"] == pytest.approx(statistics.fmean(mine))
-        assert row["final_std"] == pytest.approx(statistics.stdev(mine))
-        assert row["final_min"] == min(mine)
+        per_seed = [100.0 * sum(r["test_correct"]) / 4 for r in mine]
+        assert row["split"] == "test" and row["seeds"] == 2 and row["clips"] == 8
+        assert row["mean"] == pytest.approx(statistics.fmean(per_seed))
+        assert row["low"] <= row["mean"] <= row["high"]
+        assert row["min"] == min(per_seed)
+        assert row["val_mean"] == pytest.approx(statistics.fmean(r["final_val_top1"] for r in mine))
         assert f"| {row['regime']} | {row['task']} | {row['model']} |" in printed
+        if row["model"] == "pks4" or (row["regime"], row["model"]) == ("scratch", "mean"):
+            assert (row["vs_reference"] is None) == (row["model"] == "pks4")
+        if row["vs_reference"] is not None:
+            ref = [
+                100.0 * sum(r["test_correct"]) / 4
+                for r in runs
+                if (r["regime"], r["task"], r["model"]) == (row["regime"], row["task"], "pks4")
+            ]
+            diff = statistics.fmean(a - b for a, b in zip(per_seed, ref))
+            assert row["vs_reference"]["diff"] == pytest.approx(diff)
+            assert row["vs_reference"]["verdict"] in ("better", "worse", "no difference")
     by_model = {r["model"]: r for r in rows if r["regime"] == "frozen"}
     assert by_model["mean"]["params_temporal"] == 0
     assert by_model["pks4_inner256"]["params_temporal"] > 0
@@ -82,22 +111,31 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     # per (regime, model) over the temporal task run (shuttle): mean, worst run, runs < 90%
     models = {(m["regime"], m["model"]): m for m in result["models"]}
     assert set(models) == {
-        (g, m) for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256")
-    } | {("frozen", "probe")}
+        (g, m) for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256", "pks4")
+    } | {("frozen", "probe"), ("frozen", "probe_local")}
     for (regime, model), m in models.items():
-        if model == "probe":
-            continue
         mine = [
             r for r in runs if (r["regime"], r["model"], r["task"]) == (regime, model, "shuttle")
         ]
+        accuracy = [100.0 * sum(r["test_correct"]) / 4 for r in mine]
         assert m["tasks"] == ["shuttle"] and m["runs"] == 2
-        assert m["mean"] == pytest.approx(statistics.fmean(r["final_val_top1"] for r in mine))
-        assert m["worst"] == min(r["final_val_top1"] for r in mine)
-        assert m["below_90"] == sum(r["final_val_top1"] < 90 for r in mine)
-    assert out.with_suffix(".md").read_text().count("\n") == 2 + len(rows) + 3 + len(models)
+        assert m["mean"] == pytest.approx(statistics.fmean(accuracy))
+        assert m["worst"] == min(accuracy)
+        assert m["below_90"] == sum(a < 90 for a in accuracy)
+        assert (m["vs_reference"] is None) == (model == "pks4")
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("Split reported: test (4 clips per task and seed, seeds 0,1")
+    assert table.count("\n") == 2 + 2 + len(rows) + 3 + len(models)
     png = out.with_suffix(".png")
     if png.exists():
         assert png.read_bytes()[:8] == PNG_MAGIC
+    # --resume keeps every finished run: nothing is trained again, the result is the same
+    again = tmp_path / "again"
+    (again.with_suffix(".runs.json")).write_text(out.with_suffix(".runs.json").read_text())
+    argv_again = [a if not a.startswith("--out=") else f"--out={again}" for a in argv]
+    assert motion_suite.main([*argv_again, "--resume"]) == 0
+    capsys.readouterr()
+    assert json.loads(again.with_suffix(".json").read_text())["runs"] == runs
 
 
 def test_seeds_change_the_initialisation_and_only_that(tmp_path: Path) -> None:
@@ -147,7 +185,7 @@ def test_every_variant_builds_a_block() -> None:
     backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(16), num_features=16)
     x = torch.randn(1, 3, 3, 32, 32)
     for name, variant in motion_suite.VARIANTS.items():
-        if variant.temporal == "probe":
+        if variant.temporal in motion_suite.PROBES:
             continue
         torch.manual_seed(0)
         model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
@@ -175,3 +213,45 @@ def test_probe_reads_motion_from_the_cost_volume() -> None:
     assert motion_suite.cost_volume_probe(ordered, 2)["final_val_top1"] == 100.0
     shuffled = {"train": clips(40, True), "val": clips(40, True)}
     assert motion_suite.cost_volume_probe(shuffled, 2)["final_val_top1"] < 80.0
+
+
+def test_the_local_probe_reads_where_things_move() -> None:
+    """Two halves of the map moving in opposite vertical directions, one way round or the
+    other (a rotation's signature): every location's displacement has the same distribution in
+    both classes, so the space-averaged probe stays near chance; the per-location probe
+    separates them."""
+    g = torch.Generator().manual_seed(0)
+
+    def clips(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 2
+        base = torch.rand(n, 8, 12, 4, generator=g)  # (N, C, H + room, W)
+        frames = []
+        for t in range(4):
+            rows = []
+            for b, label in zip(base, labels.tolist()):
+                up, down = b[:, t : t + 6], b[:, 3 - t : 9 - t]
+                left, right = (up, down) if label == 0 else (down, up)
+                rows.append(torch.cat([left[..., :2], right[..., 2:]], dim=-1))
+            frames.append(torch.stack(rows))
+        return torch.stack(frames, 1), labels  # (N, T, C, 6, 4)
+
+    data = {"train": clips(60), "val": clips(60)}
+    averaged = motion_suite.cost_volume_probe(data, 2)["final_val_top1"]
+    local = motion_suite.cost_volume_probe(data, 2, keep_locations=True)
+    assert averaged < 75.0
+    assert local["final_val_top1"] == 100.0
+    assert local["params_trainable"] == 3 * 9 * 6 * 4 * 2 + 2
+    assert len(local["val_correct"]) == 60 and local["test_correct"] is None
+
+
+def test_full_sets_defaults_and_explicit_flags_win() -> None:
+    full = motion_suite.parse_args(["--full"])
+    assert (full.train_clips, full.val_clips, full.test_clips) == (240, 240, 240)
+    assert full.seeds == [0, 1, 2, 3, 4] and "pks4_selection_only" in full.models
+    mixed = motion_suite.parse_args(["--full", "--seeds=0", "--train-clips=16"])
+    assert mixed.seeds == [0] and mixed.train_clips == 16 and mixed.test_clips == 240
+    plain = motion_suite.parse_args([])
+    assert plain.report_split == "val" and plain.seeds == [0, 1, 2]
+    assert list(plain.tasks) == list(motion_suite.DEFAULT_TASKS)
+    assert motion_suite.frames_of(plain, "event") == 16
+    assert motion_suite.frames_of(plain, "onset") == 8
