@@ -436,11 +436,21 @@ def make_clip(
     """One clip of ``task`` with class ``label`` from ``split``'s sources: uint8
     ``(num_frames, size, size, 3)``. The spatial task reads only the videos (its label); the
     motion tasks read the split's ``motion_videos`` and stills."""
-    sources = source_canvases(split, 2 * size)
-    spec = SOURCE_SPLITS[split]
-    keep = _VIDEOS if task == "spatial" else (*spec["motion_videos"], *spec["stills"])
-    sources = {k: sources[k] for k in keep}
+    canvases = source_canvases(split, 2 * size)
+    sources = {k: canvases[k] for k in task_sources(task, split)}
     return MAKERS[task](label, g, sources, num_frames, size, split)
+
+
+def task_sources(task: str, split: str) -> tuple[str, ...]:
+    """The names of the source material ``task``'s clips of ``split`` are cut from: the three
+    videos for ``spatial`` (its label), the split's ``motion_videos`` and stills otherwise."""
+    _check_split(split)
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
+    if task == "spatial":
+        return tuple(_VIDEOS)
+    spec = SOURCE_SPLITS[split]
+    return (*spec["motion_videos"], *spec["stills"])
 
 
 def split_generator(seed: int, task: str, split: str) -> torch.Generator:
@@ -520,7 +530,7 @@ def make_benchmark(
                 lines.append(f"{rel} {label + 1}")
             (tmp / f"{split}list.txt").write_text("\n".join(sorted(lines)) + "\n")
         (tmp / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
-        sources = {s: sorted(source_canvases(s, 2 * size)) for s in SPLITS}
+        sources = {s: list(task_sources(task, s)) for s in SPLITS}
         info = {
             **params,
             "classes": list(classes),
