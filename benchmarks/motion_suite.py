@@ -666,6 +666,44 @@ def format_model_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_matrix(rows: list[dict[str, Any]], models: list[dict[str, Any]]) -> str:
+    """Per regime, one line per task and one for the mean of the temporal tasks, one column per
+    model: the reported split's top-1 with its 95% interval (the README's form)."""
+    split = rows[0]["split"] if rows else "val"
+    cells = {(r["regime"], r["task"], r["model"]): r for r in rows}
+    means = {(m["regime"], m["model"]): m for m in models}
+    blocks = []
+    for regime in dict.fromkeys(r["regime"] for r in rows):
+        names = list(dict.fromkeys(r["model"] for r in rows if r["regime"] == regime))
+        tasks = list(dict.fromkeys(r["task"] for r in rows if r["regime"] == regime))
+        lines = [
+            f"| {regime}: {split} top-1 (%) [95% CI] | " + " | ".join(names) + " |",
+            "|" + "---|" * (1 + len(names)),
+        ]
+        for task in tasks:
+            lines.append(
+                f"| {task} | "
+                + " | ".join(
+                    suite_stats.format_interval(cells[(regime, task, m)])
+                    if (regime, task, m) in cells
+                    else "-"
+                    for m in names
+                )
+                + " |"
+            )
+        if any((regime, m) in means for m in names):
+            lines.append(
+                "| mean of the temporal tasks | "
+                + " | ".join(
+                    suite_stats.format_interval(means[(regime, m)]) if (regime, m) in means else "-"
+                    for m in names
+                )
+                + " |"
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def report(
     runs: list[dict[str, Any]], split: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
@@ -674,6 +712,7 @@ def report(
     table = format_table(rows)
     if models:
         table += "\n\n" + format_model_table(models)
+    table += "\n\n" + format_matrix(rows, models)
     return rows, models, table
 
 

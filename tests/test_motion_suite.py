@@ -125,7 +125,16 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
         assert (m["vs_reference"] is None) == (model == "pks4")
     table = out.with_suffix(".md").read_text()
     assert table.startswith("Split reported: test (4 clips per task and seed, seeds 0,1")
-    assert table.count("\n") == 2 + 2 + len(rows) + 3 + len(models)
+    # the header, the per-task rows, the per-model rows, then per regime a task x model matrix
+    # (2 tasks and the temporal mean)
+    assert table.count("\n") == 2 + 2 + len(rows) + 3 + len(models) + 2 * (1 + 2 + 3) - 1 + 1
+    assert (
+        "| frozen: test top-1 (%) [95% CI] | mean | probe | probe_local | pks4_inner256 |" in table
+    )
+    pks4_shuttle = next(
+        r for r in rows if (r["regime"], r["task"], r["model"]) == ("scratch", "shuttle", "pks4")
+    )
+    assert motion_suite.suite_stats.format_interval(pks4_shuttle) in table
     png = out.with_suffix(".png")
     if png.exists():
         assert png.read_bytes()[:8] == PNG_MAGIC
