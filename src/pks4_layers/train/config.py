@@ -106,8 +106,8 @@ class TrainConfig:
         default="",
         metadata={
             "help": "pks4: where the kinematic prior enters the scan, comma-separated of "
-            f"{', '.join(PRIOR_TARGETS)} (empty: the block's default, selection,output, measured "
-            "after a frozen backbone; selection alone suits a backbone trained from scratch)"
+            f"{', '.join(PRIOR_TARGETS)} (empty: the block's default, selection,output, "
+            "measured best both after a frozen backbone and trained from scratch)"
         },
     )
 
