@@ -85,6 +85,25 @@ def test_prior_targets_reach_the_block_and_bad_ones_name_the_key():
         config_from_mapping({"prior_targets": "selection", "temporal": "tconv"})
 
 
+def test_every_peer_kind_and_its_width_reach_the_model_from_the_cli():
+    from pks4_layers.baselines import TemporalAdapter
+    from pks4_layers.models.temporal_heads import PEER_KINDS
+    from pks4_layers.train.engine import build_model
+
+    for kind in PEER_KINDS:
+        cfg, _ = parse_args(["--temporal", kind, "--backbone", "resnet18", "--inner-dim", "24"])
+        assert cfg.block_kwargs() == {"inner_dim": 24}
+    model = build_model(cfg, num_classes=3, random_weights=True)
+    assert model.temporal_kind == "st_scan" and model.temporal.inner_dim == 24
+    cfg, _ = parse_args(["--temporal", "adapter", "--backbone", "resnet18"])
+    model = build_model(cfg, num_classes=3, random_weights=True)
+    assert isinstance(model.temporal, TemporalAdapter) and model.temporal.inner_dim == 512 // 4
+    with pytest.raises(ValueError, match=r"^inner_dim: expected 0 for temporal mean"):
+        config_from_mapping({"inner_dim": 8, "temporal": "mean"})
+    with pytest.raises(ValueError, match=r"^temporal: expected one of .*did you mean 'tsm'"):
+        config_from_mapping({"temporal": "tsn"})
+
+
 # --------------------------------------------------------------------------------- sampler
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_sampler_steps_equal_single_process_global_batches(world_size):

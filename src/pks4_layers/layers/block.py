@@ -9,18 +9,17 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import (
-    check_float_tensor,
     check_grid,
     check_same_device,
     check_same_dtype,
     check_tokens,
 )
 from .kinematic_prior import PRIOR_CUES, KinematicPriorEncoder
+from .layout import from_tokens, to_tokens
 from .recompute import maybe_recompute
 from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
@@ -117,6 +116,11 @@ class PKS4Block(nn.Module):
         inner = dim if inner_dim is None else inner_dim
         if not isinstance(inner, int) or inner < 1:
             raise ValueError(f"inner_dim: expected a positive int or None, got {inner_dim!r}")
+        if isinstance(prior_targets, (list, tuple)) and not prior_targets:
+            raise ValueError(
+                "prior_targets: expected at least one route for the kinematic prior (the block "
+                "without it is pks4_layers.baselines.SelectiveScanBlock, temporal='scan'), got []"
+            )
         if out_init not in OUTPUT_INITS:
             raise ValueError(f"out_init: expected one of {list(OUTPUT_INITS)}, got {out_init!r}")
         self.dim = dim
@@ -283,43 +287,11 @@ class PKS4Block(nn.Module):
         self, x: Tensor, grid: Optional[tuple[int, int]], num_prefix_tokens: int
     ) -> tuple[Tensor, tuple[int, int], int]:
         """``x`` as tokens ``(B, T, L, C)``, the grid and the number of prefix tokens."""
-        check_float_tensor("x", x)
-        if x.dim() == 5:
-            if x.shape[2] != self.dim:
-                raise ValueError(
-                    f"x: expected a feature map (B, T, C={self.dim}, H, W), got {tuple(x.shape)}"
-                )
-            if num_prefix_tokens:
-                raise ValueError(
-                    f"num_prefix_tokens: expected 0 for a feature map, got {num_prefix_tokens}"
-                )
-            H, W = x.shape[-2:]
-            if grid is not None and tuple(grid) != (H, W):
-                raise ValueError(f"grid: expected {(H, W)} (that of x) or None, got {grid!r}")
-            return rearrange(x, "b t c h w -> b t (h w) c"), (H, W), 0
-        if x.dim() == 4:
-            if x.shape[-1] != self.dim:
-                raise ValueError(
-                    f"x: expected tokens (B, T, N, C={self.dim}), got {tuple(x.shape)}"
-                )
-            if grid is None:
-                raise ValueError("grid: expected (H, W) of the token grid for 4-D tokens, got None")
-            if not isinstance(num_prefix_tokens, int) or not 0 <= num_prefix_tokens <= x.shape[2]:
-                raise ValueError(
-                    f"num_prefix_tokens: expected an int in [0, {x.shape[2]}], "
-                    f"got {num_prefix_tokens!r}"
-                )
-            return x, grid, num_prefix_tokens
-        raise ValueError(
-            f"x: expected (B, T, C, H, W) feature maps or (B, T, N, C) tokens, "
-            f"got shape {tuple(x.shape)}"
-        )
+        return to_tokens(x, self.dim, grid, num_prefix_tokens)
 
     @staticmethod
     def _as_input_layout(out: Tensor, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        if x.dim() == 5:
-            return rearrange(out, "b t (h w) c -> b t c h w", h=grid[0], w=grid[1])
-        return out
+        return from_tokens(out, x, grid)
 
     def _forward_tokens(
         self,

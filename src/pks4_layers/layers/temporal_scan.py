@@ -95,16 +95,18 @@ class DirectionalScan(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
 
-    def forward(self, x: Tensor, z: Tensor, prior: Tensor) -> Tensor:
+    def forward(self, x: Tensor, z: Tensor, prior: Optional[Tensor]) -> Tensor:
         u, delta, B, C = maybe_recompute(self.recompute, self._selection, x, prior)
         return self._scan(u, delta, B, C, z)
 
-    def _selection(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _selection(
+        self, x: Tensor, prior: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The scanned input ``u`` (temporal conv, SiLU) and its ``delta``, ``B``, ``C``."""
         u = F.silu(temporal_conv(x, self.conv_weight, self.conv_bias, reverse=self.reverse))
         return (u, *self._projections(u, prior))
 
-    def _projections(self, u: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _projections(self, u: Tensor, prior: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``delta`` (before its bias), ``B`` and ``C`` from ``u`` and the prior."""
         proj = self.x_proj(u)
         if self.prior_proj is not None:
@@ -181,14 +183,17 @@ class ParallelTemporalScan(nn.Module):
         prior_targets: where the prior enters, a subset of ``("selection", "stream",
             "gate", "output")``: the projections to ``delta``, ``B``, ``C``; a linear map of it
             added to the scanned stream before the temporal convolution; one added to the gate
-            ``z``; one added to the directions' mean output, before ``out_proj``.
+            ``z``; one added to the directions' mean output, before ``out_proj``. Empty: no
+            prior at all (``delta``, ``B``, ``C`` from the features alone, as in Mamba), and
+            ``prior`` must be ``None``.
         dt_min, dt_max: range of the initial step sizes (log-uniform per channel).
         out_dim: channels of the output (default ``dim``).
         recompute: each direction's temporal conv and projections are recomputed in the
             backward instead of kept (same gradients, less memory; see :mod:`.recompute`).
 
     Shapes:
-        ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` -> ``(B, T, L, out_dim)``.
+        ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` (``None`` without
+        ``prior_targets``) -> ``(B, T, L, out_dim)``.
 
     A forward-only scan also runs on a stream, chunk by chunk (:meth:`init_stream`,
     :meth:`step`), carrying the convolution's last inputs and the scan's state.
@@ -212,13 +217,9 @@ class ParallelTemporalScan(nn.Module):
     ) -> None:
         super().__init__()
         targets = (prior_targets,) if isinstance(prior_targets, str) else tuple(prior_targets)
-        if (
-            not targets
-            or any(t not in PRIOR_TARGETS for t in targets)
-            or len(set(targets)) != len(targets)
-        ):
+        if any(t not in PRIOR_TARGETS for t in targets) or len(set(targets)) != len(targets):
             raise ValueError(
-                f"prior_targets: expected a non-empty subset of {list(PRIOR_TARGETS)}, "
+                f"prior_targets: expected a subset of {list(PRIOR_TARGETS)} without repeats, "
                 f"got {list(targets)}"
             )
         if not 0 < dt_min <= dt_max:
@@ -263,7 +264,9 @@ class ParallelTemporalScan(nn.Module):
         for direction in self.directions:
             direction.recompute = self.recompute
 
-    def _stream_and_gate(self, x: Tensor, prior: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _stream_and_gate(
+        self, x: Tensor, prior: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """The scanned stream and the gate, with the prior added where ``prior_targets`` say,
         and what the prior adds to the output (``None`` if nothing)."""
         xs, z = self.in_proj(x).chunk(2, dim=-1)
@@ -277,7 +280,7 @@ class ParallelTemporalScan(nn.Module):
             z = z + added["gate"]
         return xs, z, added.get("output")
 
-    def forward(self, x: Tensor, prior: Tensor) -> Tensor:
+    def forward(self, x: Tensor, prior: Optional[Tensor] = None) -> Tensor:
         self._check_inputs(x, prior)
         xs, z, to_output = self._stream_and_gate(x, prior)
         y = self.directions[0](xs, z, prior)
@@ -288,17 +291,29 @@ class ParallelTemporalScan(nn.Module):
             y = y + to_output
         return self.out_proj(y)
 
-    def _check_inputs(self, x: Tensor, prior: Tensor) -> None:
+    def _check_inputs(self, x: Tensor, prior: Optional[Tensor]) -> None:
         check_tokens("x", x, self.dim)
+        check_same_device("x", x, "the module's parameters", self.in_proj.weight)
+        check_same_dtype("x", x, "the module's parameters", self.in_proj.weight)
+        if not self.prior_targets:
+            if prior is not None:
+                raise ValueError(
+                    "prior: expected None (the scan was built with prior_targets=(), no prior), "
+                    f"got a tensor of shape {tuple(prior.shape)}"
+                )
+            return
+        if prior is None:
+            raise ValueError(
+                f"prior: expected a (B, T, L, {self.prior_dim}) tensor (prior_targets="
+                f"{self.prior_targets}), got None"
+            )
         check_tokens("prior", prior, self.prior_dim, length=x.shape[2])
         if prior.shape[:2] != x.shape[:2]:
             raise ValueError(
                 f"prior: expected (B, T) = {tuple(x.shape[:2])} (that of x), "
                 f"got {tuple(prior.shape[:2])}"
             )
-        check_same_device("x", x, "the module's parameters", self.in_proj.weight)
         check_same_device("prior", prior, "x", x)
-        check_same_dtype("x", x, "the module's parameters", self.in_proj.weight)
         check_same_dtype("prior", prior, "x", x)
 
     def check_streamable(self) -> None:
@@ -348,13 +363,13 @@ class ParallelTemporalScan(nn.Module):
         )
 
     def step(
-        self, x: Tensor, prior: Tensor, state: Optional[ScanStreamState] = None
+        self, x: Tensor, prior: Optional[Tensor] = None, state: Optional[ScanStreamState] = None
     ) -> tuple[Tensor, ScanStreamState]:
         """The scan on the next chunk of a stream (causal scans only).
 
         Args:
             x: ``(B, T, L, dim)``, the chunk (``T >= 1``).
-            prior: ``(B, T, L, prior_dim)``.
+            prior: ``(B, T, L, prior_dim)`` (``None`` without ``prior_targets``).
             state: from :meth:`init_stream` or the previous call; ``None`` starts a stream.
 
         Returns:

@@ -72,14 +72,17 @@ class PKS4VideoClassifier(nn.Module):
             name for :func:`create_backbone`.
         num_classes: classes of the head.
         num_frames: frames ``T`` per clip; inputs are checked against it.
-        temporal: ``"pks4"``, ``"mean"`` (no temporal modelling) or ``"tconv"`` (residual
-            depthwise-separable temporal conv, kernel 3).
+        temporal: ``"pks4"``, ``"mean"`` (no temporal modelling), ``"tconv"`` (residual
+            depthwise-separable temporal conv, kernel 3) or a peer of
+            :mod:`pks4_layers.baselines` (``"frame_mlp"``, ``"tsm"``, ``"adapter"``,
+            ``"attention"``, ``"scan"``, ``"prior_adapter"``, ``"st_scan"``): see
+            :func:`~pks4_layers.models.create_temporal`.
         freeze_backbone: backbone parameters get ``requires_grad=False``, the backbone stays in
             eval mode (BatchNorm statistics frozen) under ``train()`` and runs without autograd;
             only the temporal module and the head train.
         drop_rate: dropout before the linear classifier.
         block_kwargs: arguments of the temporal module (:class:`~pks4_layers.PKS4Block`'s for
-            ``"pks4"``, ``kernel_size`` for ``"tconv"``).
+            ``"pks4"``, ``kernel_size`` for ``"tconv"``, the peer's constructor's).
         pretrained: with a backbone name, passed to :func:`create_backbone`.
         token_pool: ``"avg"`` or ``"prefix"``, the tokens pooled for ViT backbones.
 
@@ -252,10 +255,15 @@ class PKS4VideoClassifier(nn.Module):
 
     def check_streamable(self) -> None:
         """Raise unless the temporal module is causal (``"mean"``, or a forward-only PKS4)."""
-        if self.temporal_kind == "tconv":
+        if self.temporal_kind not in ("mean", "pks4"):
+            reason = (
+                "its centred convolution sees the next frame"
+                if self.temporal_kind == "tconv"
+                else "it has no streaming step"
+            )
             raise ValueError(
                 "temporal: expected 'mean' or 'pks4' with block_kwargs={'bidirectional': False} "
-                "to stream, got 'tconv' (its centred convolution sees the next frame)"
+                f"to stream, got {self.temporal_kind!r} ({reason})"
             )
         if isinstance(self.temporal, PKS4Block):
             self.temporal.scan.check_streamable()

@@ -8,7 +8,12 @@ swapping one for another changes nothing at step 0:
 * ``"pks4"``: :class:`~pks4_layers.PKS4Block`;
 * ``"mean"``: :class:`TemporalIdentity`, no temporal modelling (the head averages frames);
 * ``"tconv"``: :class:`TemporalConvBlock`, a residual depthwise-separable convolution over
-  time, the cheap baseline.
+  time, the cheap baseline;
+* the peers users would insert instead (:mod:`pks4_layers.baselines`): ``"frame_mlp"`` (no
+  temporal mixing, the control for parameters), ``"tsm"`` (temporal shift), ``"adapter"``
+  (ST-Adapter), ``"attention"`` (divided temporal attention), ``"scan"`` (PKS4Block without
+  its prior), ``"prior_adapter"`` (the prior without the scan), ``"st_scan"`` (VideoMamba's one
+  scan over all ``T * H * W`` tokens).
 """
 
 from __future__ import annotations
@@ -18,11 +23,40 @@ from typing import Optional
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..baselines import (
+    FrameMLP,
+    PriorAdapter,
+    SelectiveScanBlock,
+    SpatiotemporalScan,
+    TemporalAdapter,
+    TemporalAttention,
+    TemporalShift,
+)
+from ..baselines.temporal_attention import default_num_heads
 from ..layers import PKS4Block
 
-__all__ = ["TEMPORAL_KINDS", "TemporalConvBlock", "TemporalIdentity", "create_temporal"]
+__all__ = [
+    "PEER_KINDS",
+    "TEMPORAL_KINDS",
+    "TemporalConvBlock",
+    "TemporalIdentity",
+    "create_temporal",
+    "inner_dim_for_params",
+    "temporal_num_params",
+]
 
-TEMPORAL_KINDS = ("pks4", "mean", "tconv")
+# The peers of pks4_layers.baselines, by the name the classifier, the CLI and the suite use.
+PEERS: dict[str, type[nn.Module]] = {
+    "frame_mlp": FrameMLP,
+    "tsm": TemporalShift,
+    "adapter": TemporalAdapter,
+    "attention": TemporalAttention,
+    "scan": SelectiveScanBlock,
+    "prior_adapter": PriorAdapter,
+    "st_scan": SpatiotemporalScan,
+}
+PEER_KINDS = tuple(PEERS)
+TEMPORAL_KINDS = ("pks4", "mean", "tconv", *PEER_KINDS)
 
 
 def _check_features(x: object, dim: int) -> None:
@@ -102,10 +136,11 @@ class TemporalConvBlock(nn.Module):
 
 
 def create_temporal(kind: str, dim: int, **kwargs) -> nn.Module:
-    """The temporal module ``kind`` (``"pks4"``, ``"mean"``, ``"tconv"``) for ``dim`` channels.
+    """The temporal module ``kind`` (one of :data:`TEMPORAL_KINDS`) for ``dim`` channels.
 
     ``kwargs`` go to its constructor: :class:`~pks4_layers.PKS4Block`'s arguments for
-    ``"pks4"``, ``kernel_size`` for ``"tconv"``, none for ``"mean"``.
+    ``"pks4"``, ``kernel_size`` for ``"tconv"``, none for ``"mean"``, the peer's for the kinds
+    of :mod:`pks4_layers.baselines` (``inner_dim``, ``bidirectional`` and their own).
     """
     if kind == "pks4":
         return PKS4Block(dim, **kwargs)
@@ -115,4 +150,50 @@ def create_temporal(kind: str, dim: int, **kwargs) -> nn.Module:
         if kwargs:
             raise ValueError(f"block_kwargs: expected none for temporal='mean', got {kwargs}")
         return TemporalIdentity(dim)
+    if kind in PEERS:
+        return PEERS[kind](dim, **kwargs)
     raise ValueError(f"temporal: expected one of {list(TEMPORAL_KINDS)}, got {kind!r}")
+
+
+def temporal_num_params(kind: str, dim: int, **kwargs) -> int:
+    """Parameters of ``create_temporal(kind, dim, **kwargs)``: the peers' formula, or a count
+    of a module built for the purpose (``"pks4"``, ``"tconv"``, ``"mean"``)."""
+    if kind in PEERS:
+        return PEERS[kind].num_params(dim, **kwargs)
+    return sum(p.numel() for p in create_temporal(kind, dim, **kwargs).parameters())
+
+
+def inner_dim_for_params(kind: str, dim: int, params: int, **kwargs) -> int:
+    """The ``inner_dim`` whose module ``kind`` has the parameter count closest to ``params``.
+
+    Sizes a peer to the same budget as another module (the motion suite matches every peer to
+    PKS4's parameters at its width). Counts grow with ``inner_dim``, so a bisection finds it.
+    For ``"attention"`` without ``num_heads``, among the widths within 2% of the closest count
+    the one with the most heads of its default (about 64 channels each) wins: a width the
+    heads do not divide would otherwise fall back to few wide heads.
+    """
+    if kind not in PEERS:
+        raise ValueError(f"kind: expected one of {list(PEER_KINDS)}, got {kind!r}")
+    if not isinstance(params, int) or params < 1:
+        raise ValueError(f"params: expected a positive int, got {params!r}")
+
+    def count(width: int) -> int:
+        return PEERS[kind].num_params(dim, inner_dim=width, **kwargs)
+
+    low, high = 1, 1
+    while count(high) < params:
+        low, high = high, 2 * high
+        if high > 1 << 20:
+            raise ValueError(f"params: {params} is beyond any inner_dim of {kind!r} at dim={dim}")
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if count(mid) < params else (low, mid)
+    best = min((low, high), key=lambda w: abs(count(w) - params))
+    if kind == "attention" and "num_heads" not in kwargs:
+        near = [
+            w
+            for w in range(max(1, best - 32), best + 33)
+            if abs(count(w) - params) <= abs(count(best) - params) + 0.02 * params
+        ]
+        best = max(near, key=lambda w: (default_num_heads(w), -abs(count(w) - params)))
+    return best

@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from ..data.benchmark import TASKS as BENCHMARK_TASKS
 from ..layers.temporal_scan import PRIOR_TARGETS
+from ..models.temporal_heads import TEMPORAL_KINDS
 from .errors import (
     MissingPathError,
     UsageError,
@@ -28,7 +29,7 @@ from .errors import (
 )
 
 DATASETS = ("benchmark", "folder", "ssv2")
-TEMPORAL_MODULES = ("pks4", "mean", "tconv")
+TEMPORAL_MODULES = TEMPORAL_KINDS
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 BAD_VIDEO_MODES = ("skip", "raise")
 
@@ -97,6 +98,13 @@ class TrainConfig:
         },
     )
     temporal: str = field(default="pks4", metadata={"help": f"one of {TEMPORAL_MODULES}"})
+    inner_dim: int = field(
+        default=0,
+        metadata={
+            "help": "width the temporal module works at (0: its default, the features' width "
+            "for pks4 and the scans, a quarter of it for the bottleneck peers); not for mean, tconv"
+        },
+    )
     freeze_backbone: bool = field(default=True, metadata={"help": "train temporal + head only"})
     tune_last_blocks: int = field(
         default=0, metadata={"help": "also tune the backbone's last N blocks (0: none)"}
@@ -182,6 +190,14 @@ class TrainConfig:
                     f"comma-separated distinct names of {PRIOR_TARGETS}{hint}",
                     repr(self.prior_targets),
                 )
+        if self.inner_dim < 0:
+            raise UsageError("inner_dim", ">= 0", str(self.inner_dim))
+        if self.inner_dim and self.temporal in ("mean", "tconv"):
+            raise UsageError(
+                "inner_dim",
+                f"0 for temporal {self.temporal} (it has no width)",
+                str(self.inner_dim),
+            )
         if self.tune_last_blocks and not self.freeze_backbone:
             raise UsageError(
                 "tune_last_blocks",
@@ -196,9 +212,12 @@ class TrainConfig:
 
     def block_kwargs(self) -> dict[str, Any]:
         """Arguments of the temporal module that the config sets (none: its defaults)."""
+        kwargs: dict[str, Any] = {}
         if self.temporal == "pks4" and self.prior_targets:
-            return {"prior_targets": tuple(self.prior_target_list())}
-        return {}
+            kwargs["prior_targets"] = tuple(self.prior_target_list())
+        if self.inner_dim:
+            kwargs["inner_dim"] = self.inner_dim
+        return kwargs
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches each process accumulates per optimizer step, so that one step takes
