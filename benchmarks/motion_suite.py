@@ -43,6 +43,7 @@ logistic regression on the frozen features' cost volume: ``probe`` (averaged ove
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import math
@@ -57,18 +58,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pks4_layers.bench.timing import saved_tensor_bytes, time_ms
 from pks4_layers.data import make_benchmark, read_frames
 from pks4_layers.data.benchmark import TASKS
 from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
-from pks4_layers.models import PKS4VideoClassifier
+from pks4_layers.models import PKS4VideoClassifier, create_temporal
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
+from pks4_layers.models.flops import count_flops
+from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, temporal_num_params
 
 # suite_stats lives beside this script (benchmarks/ is not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite_stats
 
-REGIMES = ("frozen", "scratch")
+REGIMES = ("frozen", "scratch", "finetune")
+DEFAULT_REGIMES = ("frozen", "scratch")
 TEMPORAL_TASKS = (
     "temporal",
     "subcell",
@@ -91,6 +96,14 @@ FULL = {
     "test_clips": 240,
     "seeds": "0,1,2,3,4",
     "models": ",".join((*DEFAULT_MODELS, "pks4_selection_only")),
+}
+# ``--peers``: PKS4 against the temporal modules users would insert instead, in all three
+# regimes, on the tasks some model or probe reads (object and background stay at chance for
+# every model and probe of the default suite: they separate nothing).
+PEER_MATRIX = {
+    "regimes": ",".join(REGIMES),
+    "tasks": "temporal,subcell,rotation,onset,shuttle,spatial",
+    "models": ",".join(("mean", "probe", "probe_local", "tconv", *PEER_KINDS, "pks4")),
 }
 REFERENCE = "pks4"  # every row's paired comparison is against it
 
@@ -122,6 +135,14 @@ VARIANTS: dict[str, Variant] = {
         "probe_local", note="logistic regression on the raw features' cost volume per location"
     ),
     "tconv": Variant("tconv", note="residual depthwise temporal conv, kernel 3"),
+    # The peers (pks4_layers.baselines), each sized to PKS4's parameters at the backbone's width.
+    "frame_mlp": Variant("frame_mlp", note="per-frame bottleneck MLP, no temporal mixing"),
+    "tsm": Variant("tsm", note="temporal shift (1/8 each way), then a bottleneck MLP"),
+    "adapter": Variant("adapter", note="ST-Adapter: down, depthwise temporal conv 3, GELU, up"),
+    "attention": Variant("attention", note="divided temporal self-attention per location"),
+    "scan": Variant("scan", note="PKS4Block without its kinematic prior"),
+    "prior_adapter": Variant("prior_adapter", note="the kinematic prior fed to the adapter"),
+    "st_scan": Variant("st_scan", note="VideoMamba: one bidirectional scan over T*H*W tokens"),
     "pks4": _pks4("PKS4Block defaults"),
     # where the prior enters the scan (the default: delta/B/C and the output)
     "pks4_selection_only": _pks4("prior into delta/B/C only", prior_targets=("selection",)),
@@ -194,7 +215,7 @@ class SmallCNN(nn.Sequential):
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--regimes", default=",".join(REGIMES))
+    p.add_argument("--regimes", default=",".join(DEFAULT_REGIMES), help=f"of {', '.join(REGIMES)}")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own clips too")
@@ -218,9 +239,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="the full matrix: " + ", ".join(f"{k}={v}" for k, v in FULL.items()),
     )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="PKS4 against its peers: " + ", ".join(f"{k}={v}" for k, v in PEER_MATRIX.items()),
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scratch-lr", type=float, default=3e-3)
+    p.add_argument(
+        "--finetune-backbone-lr-scale",
+        type=float,
+        default=0.1,
+        help="finetune regime: the backbone's learning rate over the temporal module's (--lr)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument(
         "--block-kwargs",
@@ -237,9 +269,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.full:
-        # The full matrix's values replace the defaults only: explicit flags still win.
-        p.set_defaults(**FULL)
+    if args.full or args.peers:
+        # The presets' values replace the defaults only: explicit flags still win.
+        preset = {**(FULL if args.full else {}), **(PEER_MATRIX if args.peers else {})}
+        p.set_defaults(**preset)
         args = p.parse_args(argv)
     for name in ("regimes", "tasks", "models", "seeds"):
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
@@ -314,31 +347,57 @@ def build_model(
     num_frames: Optional[int] = None,
 ) -> PKS4VideoClassifier:
     """The classifier of one run; ``num_frames`` defaults to ``--frames``."""
-    kwargs = variant.kwargs()
-    if variant.temporal == "pks4":
-        kwargs.update(args.block_kwargs)
-    if kwargs.get("inner_dim", 0) >= backbone.num_features:
-        kwargs.pop("inner_dim")  # no narrower than the backbone: the full width
     return PKS4VideoClassifier(
         backbone,
         num_classes=classes,
         num_frames=args.frames if num_frames is None else num_frames,
         temporal=variant.temporal,
         freeze_backbone=regime == "frozen",
-        block_kwargs=kwargs,
+        block_kwargs=module_kwargs(args, variant, backbone.num_features),
     )
 
 
+def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dict[str, Any]:
+    """The temporal module's arguments at the backbone's ``width``: the variant's, with
+    ``--block-kwargs`` for PKS4; a peer without its own ``inner_dim`` gets the one that gives it
+    PKS4's parameter count at that width (every peer at the same budget)."""
+    kwargs = variant.kwargs()
+    if variant.temporal == "pks4":
+        kwargs.update(args.block_kwargs)
+    if variant.temporal in PEER_KINDS and "inner_dim" not in kwargs:
+        budget = pks4_params(width, json.dumps(args.block_kwargs, sort_keys=True))
+        kwargs["inner_dim"] = inner_dim_for_params(variant.temporal, width, budget, **kwargs)
+    if kwargs.get("inner_dim", 0) >= width and variant.temporal == "pks4":
+        kwargs.pop("inner_dim")  # no narrower than the backbone: the full width
+    return kwargs
+
+
+@functools.cache
+def pks4_params(width: int, block_kwargs_json: str) -> int:
+    """Parameters of the suite's PKS4 block at ``width`` (the budget every peer is sized to)."""
+    kwargs = json.loads(block_kwargs_json)
+    if kwargs.get("inner_dim", 0) >= width:
+        kwargs.pop("inner_dim")
+    return temporal_num_params("pks4", width, **kwargs)
+
+
 def _optimizer(
-    model: PKS4VideoClassifier, lr: float, weight_decay: float, block_lr_scale: float
+    model: PKS4VideoClassifier,
+    lr: float,
+    weight_decay: float,
+    block_lr_scale: float,
+    backbone_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = block_lr_scale if name.startswith("temporal.") else 1.0
-        # No decay on biases, norms and 1-D scan parameters (timm's and Mamba's practice).
-        decay = weight_decay if p.dim() >= 2 and not name.endswith("A_log") else 0.0
+        if name.startswith("backbone."):
+            scale = backbone_lr_scale
+        # No decay on biases, norms, 1-D scan parameters, A_log and the learnt time embedding.
+        exempt = name.endswith(("A_log", "time_embed"))
+        decay = weight_decay if p.dim() >= 2 and not exempt else 0.0
         groups.setdefault((lr * scale, decay), []).append(p)
     return torch.optim.AdamW(
         [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
@@ -351,6 +410,7 @@ def cost_volume_probe(
     *,
     keep_locations: bool = False,
     report_split: str = "val",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """What the frozen features say about motion without any learnt feature: per frame pair,
     the cosine cost volume of the raw features over a 3x3 window of displacements, averaged
@@ -392,6 +452,11 @@ def cost_volume_probe(
     with torch.no_grad():
         loss = F.cross_entropy(train @ w + b, y_train).item()
     top1 = 100.0 * statistics.fmean(val)
+
+    @torch.no_grad()
+    def correct_on(x: Tensor) -> list[int]:
+        return ((describe(x) - mu) / sd @ w + b).argmax(-1).eq(data["val"][1]).int().tolist()
+
     return {
         "final_val_top1": top1,
         "best_val_top1": top1,
@@ -400,7 +465,9 @@ def cost_volume_probe(
         "history": [{"epoch": 1, "train_loss": loss, "val_top1": top1}],
         "params_trainable": w.numel() + b.numel(),
         "params_temporal": 0,
+        "inner_dim": None,
         "train_time_s": time.perf_counter() - start,
+        **order_check(correct_on, data["val"][0], seed),
     }
 
 
@@ -425,6 +492,7 @@ def train_one(
             classes,
             keep_locations=variant.temporal == "probe_local",
             report_split=args.report_split,
+            seed=seed,
         )
     torch.manual_seed(seed)
     frames = data["train"][0].shape[1]
@@ -432,13 +500,14 @@ def train_one(
     grid = tuple(data["train"][0].shape[-2:])
 
     def logits(x: Tensor) -> Tensor:
-        if regime == "frozen":
+        if regime == "frozen":  # x: the cached features
             feats = model.forward_temporal(Features("map", x, grid))
             return model.forward_head(model.pool(feats))
         return model(x)
 
-    lr = args.lr if regime == "frozen" else args.scratch_lr
-    opt = _optimizer(model, lr, args.weight_decay, variant.block_lr_scale)
+    lr = args.scratch_lr if regime == "scratch" else args.lr
+    backbone_scale = args.finetune_backbone_lr_scale if regime == "finetune" else 1.0
+    opt = _optimizer(model, lr, args.weight_decay, variant.block_lr_scale, backbone_scale)
     x_train, y_train = data["train"]
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total = args.epochs * steps_per_epoch
@@ -484,6 +553,7 @@ def train_one(
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     temporal = sum(p.numel() for p in model.temporal.parameters())
+    x_val, y_val = data["val"]
     return {
         "final_val_top1": history[-1]["val_top1"],
         "best_val_top1": max(h["val_top1"] for h in history),
@@ -492,7 +562,76 @@ def train_one(
         "history": history,
         "params_trainable": trainable,
         "params_temporal": temporal,
+        "inner_dim": getattr(model.temporal, "inner_dim", None),
         "train_time_s": train_time,
+        **order_check(lambda x: evaluate(model, logits, x, y_val, eval_batch), x_val, seed),
+    }
+
+
+# The features each regime's temporal module sees: (channels, map side) at --size / --scratch-size.
+def regime_features(args: argparse.Namespace, regime: str) -> tuple[int, int]:
+    if regime == "scratch":
+        return args.scratch_width, args.scratch_size // 16
+    return 1280, math.ceil(args.size / 32)  # efficientnet_lite0: 1280 channels, stride 32
+
+
+def temporal_costs(
+    args: argparse.Namespace, regime: str, variant: Variant, repeats: int = 5
+) -> dict[str, Any]:
+    """The temporal module's cost at the regime's width, map and ``--frames``, on a batch of
+    ``--batch-size`` random feature maps, measured in the same run as its accuracy: forward
+    GFLOPs per clip (:func:`pks4_layers.models.flops.count_flops`), the median time of a
+    forward (no autograd) and of a forward+backward, and the bytes autograd keeps for the
+    backward per token (frame x location)."""
+    width, side = regime_features(args, regime)
+    torch.manual_seed(0)
+    module = create_temporal(variant.temporal, width, **module_kwargs(args, variant, width))
+    module.train()
+    x = torch.randn(args.batch_size, args.frames, width, side, side)
+    device = torch.device("cpu")
+    with torch.no_grad():
+        flops, _ = count_flops(module, x[:1])
+        forward = time_ms(lambda: module(x), repeats=repeats, warmup=1, device=device)
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).square().mean().backward()
+
+    params = tuple(module.parameters())
+    # A module without parameters (the frame average) has no backward of its own.
+    train = time_ms(step, repeats=repeats, warmup=1, device=device) if params else None
+    out, saved = saved_tensor_bytes(lambda: module(x.requires_grad_(False)), inputs=(x, *params))
+    del out
+    tokens = args.batch_size * args.frames * side * side
+    return {
+        "width": width,
+        "grid": side,
+        "params": sum(p.numel() for p in params),
+        "inner_dim": getattr(module, "inner_dim", None),
+        "gflops_per_clip": flops / 1e9,
+        "forward_ms": forward.median_ms,
+        "train_step_ms": None if train is None else train.median_ms,
+        "saved_bytes_per_token": saved.beyond_inputs / tokens,
+        "batch": args.batch_size,
+        "frames": args.frames,
+    }
+
+
+def order_check(correct: Callable[[Tensor], list[int]], x_val: Tensor, seed: int) -> dict:
+    """Validation top-1 with the frames reversed and shuffled (one permutation per seed that
+    is neither the identity nor the reversal): an order-blind model scores the same on all
+    three, a model that reads the order loses on the reversed clips of an order-only task."""
+    frames = x_val.shape[1]
+    g = torch.Generator().manual_seed(1000 + seed)
+    perm = torch.randperm(frames, generator=g)
+    while frames > 2 and (
+        torch.equal(perm, torch.arange(frames)) or torch.equal(perm, torch.arange(frames).flip(0))
+    ):
+        perm = torch.randperm(frames, generator=g)
+    return {
+        "val_reversed_top1": 100.0 * statistics.fmean(correct(x_val.flip(1))),
+        "val_shuffled_top1": 100.0 * statistics.fmean(correct(x_val[:, perm])),
+        "shuffle": perm.tolist(),
     }
 
 
@@ -520,6 +659,8 @@ def make_backbones(args: argparse.Namespace) -> dict[str, Callable[[], FrameBack
         "scratch": lambda: FrameBackbone(
             SmallCNN(args.scratch_width), num_features=args.scratch_width
         ),
+        # The same pretrained weights, a fresh copy per run: it trains with the module.
+        "finetune": lambda: copy.deepcopy(frozen()),
     }
 
 
@@ -704,6 +845,50 @@ def format_matrix(rows: list[dict[str, Any]], models: list[dict[str, Any]]) -> s
     return "\n\n".join(blocks)
 
 
+def format_costs(costs: dict[str, dict[str, Any]]) -> str:
+    """One line per (regime, model): width, parameters, forward GFLOPs per clip, times and
+    saved bytes per token of the temporal module alone, measured in the same run."""
+    lines = [
+        "| regime | model | features (C, map) | inner_dim | params | GFLOPs/clip | forward (ms) "
+        "| forward+backward (ms) | saved bytes/token |",
+        "|" + "---|" * 9,
+    ]
+    for key, c in costs.items():
+        regime, model = key.split("/")
+        step = "-" if c["train_step_ms"] is None else f"{c['train_step_ms']:.1f}"
+        lines.append(
+            f"| {regime} | {model} | {c['width']}, {c['grid']}x{c['grid']} "
+            f"| {c['inner_dim'] if c['inner_dim'] is not None else '-'} "
+            f"| {c['params'] / 1e6:.3f} M | {c['gflops_per_clip']:.4f} | {c['forward_ms']:.1f} "
+            f"| {step} | {c['saved_bytes_per_token']:.0f} |"
+        )
+    batch = next(iter(costs.values()), {})
+    note = (
+        f"Batch {batch.get('batch')} clips of {batch.get('frames')} frames of random features, "
+        "CPU, median of 5 after a warm-up; saved bytes: what autograd keeps for the backward, "
+        "per frame and location, beyond the input and the parameters."
+    )
+    return note + "\n\n" + "\n".join(lines)
+
+
+def format_order_check(runs: list[dict[str, Any]]) -> str:
+    """Per regime and model, over the temporal tasks and seeds: validation top-1 on the clips
+    as they are, reversed and shuffled."""
+    groups = _group([r for r in runs if r["task"] in TEMPORAL_TASKS], "regime", "model")
+    lines = [
+        "| regime | model | val top-1 (%) | reversed frames | shuffled frames |",
+        "|---|---|---|---|---|",
+    ]
+    for (regime, model), rs in groups.items():
+        if "val_reversed_top1" not in rs[0]:
+            continue
+        val = statistics.fmean(r["final_val_top1"] for r in rs)
+        rev = statistics.fmean(r["val_reversed_top1"] for r in rs)
+        shuf = statistics.fmean(r["val_shuffled_top1"] for r in rs)
+        lines.append(f"| {regime} | {model} | {val:.1f} | {rev:.1f} | {shuf:.1f} |")
+    return "\n".join(lines)
+
+
 def report(
     runs: list[dict[str, Any]], split: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
@@ -713,6 +898,10 @@ def report(
     if models:
         table += "\n\n" + format_model_table(models)
     table += "\n\n" + format_matrix(rows, models)
+    order = format_order_check(runs)
+    if order.count("\n") > 1:
+        table += "\n\nOrder check (validation clips, mean over the temporal tasks and seeds):\n\n"
+        table += order
     return rows, models, table
 
 
@@ -812,8 +1001,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         s: (cached_features(backbones["frozen"](), x), y)
                         for s, (x, y) in clips.items()
                     }
-                else:
+                elif regime == "scratch":
                     data = {s: (normalise(x, args.scratch_size), y) for s, (x, y) in clips.items()}
+                else:  # finetune: the frozen regime's frames, through a backbone that trains
+                    data = {s: (normalise(x), y) for s, (x, y) in clips.items()}
                 for model in models:
                     desc = f"[{len(runs) + 1}/{len(plan)}] {regime} {task} {model} seed {seed}"
                     elapsed = time.perf_counter() - start
@@ -838,7 +1029,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     partial.write_text(json.dumps({"config": vars(args), "runs": runs}))
     order = {p: i for i, p in enumerate(plan)}
     runs.sort(key=lambda r: order[_key(r)])
+    costs = {
+        f"{regime}/{model}": temporal_costs(args, regime, VARIANTS[model])
+        for regime in args.regimes
+        for model in args.models
+        if model not in PROBES
+    }
     rows, models, table = report(runs, args.report_split)
+    if costs:
+        table += "\n\nCost of the temporal module at each regime's width:\n\n"
+        table += format_costs(costs)
     header = (
         f"Split reported: {args.report_split} ({_clips_of(args)} clips per task and seed, "
         f"seeds {','.join(map(str, args.seeds))}, each drawing its own clips); "
@@ -865,6 +1065,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "rows": rows,
                 "models": models,
                 "runs": runs,
+                "costs": costs,
                 "wall_time_s": time.perf_counter() - start,
             },
             indent=1,

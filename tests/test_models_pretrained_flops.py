@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pks4_layers.models import PKS4VideoClassifier, create_backbone, efficientnet_lite0, flops
 from pks4_layers.models import pretrained as pretrained_mod
@@ -172,15 +173,20 @@ def test_report_counts_the_scan_whatever_the_backend():
     assert counts["ref"] == counts["torch"] == counts["auto"] > 0
     if "cpu" not in available_backends():
         pytest.skip("the compiled CPU scan is unavailable")
-    # Counted directly, the compiled kernel is invisible: the report adds exactly the scan's
-    # read-out, 2 * T * L * D * N per direction (a multiply-add counting 2).
+    # The compiled kernel is invisible to FlopCounterMode, and so is the cost volume: the report
+    # adds the whole scan, T * L * D * (7 N + 12) per direction, and 2 * 64 * 25 * L * (T - 1)
+    # for the cost volume (corr_dim 64, radius 2); count_flops counts them on the kernel too.
     for direction in model.temporal.scan.directions:
         direction.backend = "cpu"
     with torch.no_grad():
         feats = model.forward_features(torch.zeros(clip))
-        uncounted, _ = flops.count_flops(model.forward_temporal, feats)
+        direct, _ = flops.count_flops(model.forward_temporal, feats)
+        with FlopCounterMode(display=False) as mode:
+            model.forward_temporal(feats)
+    assert direct == pytest.approx(counts["torch"] * 1e9, rel=1e-12)
     T, L, D, N = 4, feats.grid[0] * feats.grid[1], model.temporal.scan.d_inner, 8
-    assert counts["torch"] * 1e9 - uncounted == pytest.approx(2 * (2 * T * L * D * N))
+    missed = 2 * T * L * D * (7 * N + 12) + 2 * 64 * 25 * L * (T - 1)
+    assert direct - mode.get_total_flops() == missed
 
 
 def test_report_errors():

@@ -127,7 +127,26 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     assert table.startswith("Split reported: test (4 clips per task and seed, seeds 0,1")
     # the header, the per-task rows, the per-model rows, then per regime a task x model matrix
     # (2 tasks and the temporal mean)
-    assert table.count("\n") == 2 + 2 + len(rows) + 3 + len(models) + 2 * (1 + 2 + 3) - 1 + 1
+    # ... then the order check (a header and one line per (regime, model)) and the costs of
+    # every trained (regime, model) (a header, a note, the table)
+    sections = table.split("\n\n")
+    assert sum(s.count("\n") + 1 for s in sections[:5]) == 1 + (2 + len(rows)) + (
+        2 + len(models)
+    ) + 2 * (2 + 2 + 1)
+    assert sections[5].startswith("Order check") and sections[6].count("\n") == 1 + len(models)
+    assert sections[7].startswith("Cost of the temporal module")
+    assert sections[8].startswith("Batch 4 clips of 4 frames")
+    assert sections[9].strip().count("\n") == 1 + 2 * 3
+    costs = result["costs"]
+    assert set(costs) == {
+        f"{g}/{m}" for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256", "pks4")
+    }
+    for key, cost in costs.items():
+        regime, model = key.split("/")
+        run = next(r for r in runs if (r["regime"], r["model"]) == (regime, model))
+        assert cost["params"] == run["params_temporal"]
+        assert (cost["train_step_ms"] is None) == (model == "mean")
+        assert (cost["saved_bytes_per_token"] > 0) == (model != "mean")
     assert (
         "| frozen: test top-1 (%) [95% CI] | mean | probe | probe_local | pks4_inner256 |" in table
     )
@@ -182,7 +201,7 @@ def test_block_learning_rate_factor_reaches_the_optimizer() -> None:
 
 
 def test_unknown_names_are_refused(capsys) -> None:
-    for flag in ("--models=pks5", "--tasks=colour", "--regimes=finetune"):
+    for flag in ("--models=pks5", "--tasks=colour", "--regimes=linear"):
         with pytest.raises(SystemExit) as exc:
             motion_suite.parse_args([flag])
         assert exc.value.code == 2
@@ -264,3 +283,72 @@ def test_full_sets_defaults_and_explicit_flags_win() -> None:
     assert list(plain.tasks) == list(motion_suite.DEFAULT_TASKS)
     assert motion_suite.frames_of(plain, "event") == 16
     assert motion_suite.frames_of(plain, "onset") == 8
+
+
+def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
+    """``--peers``' models in the three regimes: every peer within 10% of PKS4's parameters at
+    the regime's width, the order check (exact for the order-blind models), the costs, and a
+    fine-tuned backbone that trains at a tenth of the module's learning rate."""
+    out = tmp_path / "peers"
+    peers = ("frame_mlp", "tsm", "adapter", "attention", "scan", "prior_adapter", "st_scan")
+    argv = [
+        "--regimes=frozen,scratch,finetune",
+        "--tasks=onset",
+        f"--models=mean,{','.join(peers)},pks4",
+        "--seeds=0",
+        "--epochs=1",
+        "--frames=4",
+        "--size=32",
+        "--scratch-size=32",
+        "--scratch-width=16",
+        "--train-clips=4",
+        "--val-clips=4",
+        "--test-clips=2",
+        "--batch-size=4",
+        "--no-pretrained",
+        f"--data-root={tmp_path / 'data'}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    assert motion_suite.main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    runs = {(r["regime"], r["model"]): r for r in result["runs"]}
+    assert len(runs) == 3 * (len(peers) + 2)
+    for regime in ("frozen", "scratch", "finetune"):
+        budget = runs[(regime, "pks4")]["params_temporal"]
+        for peer in peers:
+            run = runs[(regime, peer)]
+            assert abs(run["params_temporal"] / budget - 1) < 0.10, (regime, peer)
+            assert run["inner_dim"] == result["costs"][f"{regime}/{peer}"]["inner_dim"]
+        for model in ("mean", "frame_mlp"):
+            run = runs[(regime, model)]
+            assert run["val_reversed_top1"] == run["final_val_top1"] == run["val_shuffled_top1"]
+        assert sorted(runs[(regime, "pks4")]["shuffle"]) == [0, 1, 2, 3]
+    # the fine-tuned backbone trains; the frozen one does not
+    head_and_module = runs[("frozen", "pks4")]["params_trainable"]
+    assert runs[("finetune", "pks4")]["params_trainable"] > head_and_module + 3_000_000
+    args = motion_suite.parse_args(argv)
+    model = motion_suite.build_model(
+        args,
+        "finetune",
+        motion_suite.VARIANTS["attention"],
+        2,
+        motion_suite.make_backbones(args)["finetune"](),
+    )
+    opt = motion_suite._optimizer(model, 1e-3, 0.05, 1.0, backbone_lr_scale=0.1)
+    lrs = {
+        name: group["lr"]
+        for group in opt.param_groups
+        for name, p in model.named_parameters()
+        if any(p is q for q in group["params"])
+    }
+    assert all(lr == pytest.approx(1e-4) for n, lr in lrs.items() if n.startswith("backbone."))
+    assert all(lr == pytest.approx(1e-3) for n, lr in lrs.items() if not n.startswith("backbone."))
+    assert "temporal.time_embed" in lrs
+    decay = {
+        name: group["weight_decay"]
+        for group in opt.param_groups
+        for name, p in model.named_parameters()
+        if any(p is q for q in group["params"])
+    }
+    assert decay["temporal.time_embed"] == 0.0 and decay["temporal.qkv.weight"] == 0.05

@@ -2,20 +2,32 @@
 
 from .backbone import Features, FrameBackbone, create_backbone
 from .classifier import ClassifierHead, PKS4VideoClassifier
-from .flops import ModelReport, model_report
+from .flops import FlopCount, ModelReport, count_flops, model_report
 from .pretrained import efficientnet_lite0
-from .temporal_heads import TemporalConvBlock, TemporalIdentity, create_temporal
+from .temporal_heads import (
+    TEMPORAL_KINDS,
+    TemporalConvBlock,
+    TemporalIdentity,
+    create_temporal,
+    inner_dim_for_params,
+    temporal_num_params,
+)
 
 __all__ = [
+    "TEMPORAL_KINDS",
     "ClassifierHead",
     "Features",
+    "FlopCount",
     "FrameBackbone",
     "ModelReport",
     "PKS4VideoClassifier",
     "TemporalConvBlock",
     "TemporalIdentity",
+    "count_flops",
     "create_backbone",
     "create_temporal",
     "efficientnet_lite0",
+    "inner_dim_for_params",
     "model_report",
+    "temporal_num_params",
 ]

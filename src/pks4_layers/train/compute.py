@@ -8,7 +8,9 @@ training step: what autograd saves for the backward of a batch, plus the weights
 and AdamW state.
 
 FLOP convention: FLOPs as counted by ``torch.utils.flop_counter`` (matrix products,
-convolutions, attention; a multiply-add is 2; element-wise operations are not counted). A
+convolutions, attention; a multiply-add is 2), plus the selective scan's recurrence and the
+kinematic prior's cost volume from their formulas (:class:`pks4_layers.models.flops.FlopCount`);
+other element-wise operations (norms, activations) are not counted. A
 backward pass is counted as 2x its forward (one product for the input gradient, one for the
 weight gradient), the usual convention. A frozen backbone runs forward only, under
 ``torch.no_grad``; what trains runs forward and backward, 3x its forward. For an unfrozen
