@@ -170,6 +170,19 @@ VARIANTS: dict[str, Variant] = {
         "prior without the change of motion (the default before it)",
         cues=("cost", "displacement", "difference"),
     ),
+    # what the prior correlates and which relative motion it reads (research cues)
+    "pks4_unreduced": _pks4(
+        "cost volume on the block's own features (no learnt reduction)", corr_dim=None
+    ),
+    "pks4_curl": _pks4(
+        "with the curl and divergence of the displacement field",
+        cues=("cost", "displacement", "difference", "change", "curl"),
+    ),
+    "pks4_unreduced_curl": _pks4(
+        "both: unreduced cost volume, curl and divergence",
+        corr_dim=None,
+        cues=("cost", "displacement", "difference", "change", "curl"),
+    ),
     # output projection, sizes, direction
     "pks4_small_out": _pks4("output projection small random (std 0.02)", out_init="small"),
     "pks4_state4": _pks4("d_state 4", d_state=4),
@@ -267,6 +280,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="keep the finished runs of --out's .runs.json"
     )
+    p.add_argument(
+        "--runs-from",
+        default="",
+        help="comma-separated .runs.json files of other processes (the same protocol, other "
+        "tasks or seeds) whose finished runs are kept, as with --resume: run shards of the "
+        "matrix concurrently, then once more with all of them to report",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.full or args.peers:
@@ -965,6 +986,8 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backbones = make_backbones(args)
     plan = [
         (regime, task, model, seed)
@@ -978,9 +1001,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     partial = out.with_suffix(".runs.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
-    if args.resume and partial.exists():
+    sources = [partial] if args.resume and partial.exists() else []
+    sources += [Path(f) for f in args.runs_from.split(",") if f]
+    for source in sources:
         # Runs of the same protocol only: the reported split must have been evaluated.
-        for r in json.loads(partial.read_text())["runs"]:
+        for r in json.loads(source.read_text())["runs"]:
             if r.get(f"{args.report_split}_correct") is not None:
                 done[_key(r)] = r
     runs: list[dict[str, Any]] = []

@@ -121,3 +121,41 @@ def test_bfloat16_autocast_is_finite():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = enc(torch.randn(2, 4, 6, 8), (2, 3))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_curl_and_divergence_of_a_rotation_and_an_expansion():
+    from pks4_layers.layers.kinematic_prior import curl_divergence
+
+    H, W = 5, 6
+    y, x = torch.meshgrid(
+        torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij"
+    )
+    y, x = y - 2.0, x - 2.5
+    interior = (slice(1, H - 1), slice(1, W - 1))  # central differences see zeros at the edge
+
+    def field(vx, vy):
+        v = torch.stack([vx, vy], -1).reshape(1, 1, H * W, 2)
+        return curl_divergence(v, H, W).reshape(H, W, 2)
+
+    turn = field(-y, x)  # counter-clockwise in (x, y) with y pointing down: curl +2
+    assert torch.allclose(turn[interior][..., 0], torch.full((H - 2, W - 2), 2.0).double())
+    assert torch.allclose(turn[interior][..., 1], torch.zeros(H - 2, W - 2).double())
+    grow = field(x, y)
+    assert torch.allclose(grow[interior][..., 0], torch.zeros(H - 2, W - 2).double())
+    assert torch.allclose(grow[interior][..., 1], torch.full((H - 2, W - 2), 2.0).double())
+    # the opposite sense has the opposite curl: what a space average of displacements loses
+    assert torch.allclose(field(y, -x)[interior][..., 0], -turn[interior][..., 0])
+
+
+def test_curl_cue_and_unreduced_correlation_options():
+    enc = KinematicPriorEncoder(8, prior_dim=4, corr_dim=None, cues=("cost", "curl", "change"))
+    assert isinstance(enc.corr_reduce, torch.nn.Identity) and enc.corr_dim == 8
+    assert enc.motion_dim == 25 + 2 and enc.change_dim == 25 + 2 + 1
+    assert not hasattr(enc, "diff_reduce")
+    x = torch.randn(2, 4, 12, 8)
+    assert enc(x, (3, 4)).shape == (2, 4, 12, 4)
+    assert "corr_dim=None" in repr(enc)
+    with pytest.raises(ValueError, match=r"^corr_dim: expected a positive int or None, got 0"):
+        KinematicPriorEncoder(8, corr_dim=0)
+    with pytest.raises(ValueError, match=r"^cues: expected a non-empty subset of .*'curl'"):
+        KinematicPriorEncoder(8, cues=("vorticity",))

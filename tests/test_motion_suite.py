@@ -164,6 +164,18 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     assert motion_suite.main([*argv_again, "--resume"]) == 0
     capsys.readouterr()
     assert json.loads(again.with_suffix(".json").read_text())["runs"] == runs
+    # shards run concurrently, then one report from all of them: --runs-from
+    shards = []
+    for task in ("shuttle", "spatial"):
+        shard = tmp_path / f"shard_{task}"
+        shard_runs = [r for r in runs if r["task"] == task]
+        shard.with_suffix(".runs.json").write_text(json.dumps({"runs": shard_runs}))
+        shards.append(str(shard.with_suffix(".runs.json")))
+    merged = tmp_path / "merged"
+    argv_merged = [a if not a.startswith("--out=") else f"--out={merged}" for a in argv]
+    assert motion_suite.main([*argv_merged, f"--runs-from={','.join(shards)}"]) == 0
+    capsys.readouterr()
+    assert json.loads(merged.with_suffix(".json").read_text())["runs"] == runs
 
 
 def test_seeds_change_the_initialisation_and_only_that(tmp_path: Path) -> None:

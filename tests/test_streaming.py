@@ -8,7 +8,7 @@ from torch import nn
 
 from pks4_layers import PKS4Block
 from pks4_layers.layers import PKS4StreamState
-from pks4_layers.layers.kinematic_prior import PRIOR_CUES
+from pks4_layers.layers.kinematic_prior import DEFAULT_PRIOR_CUES, PRIOR_CUES
 from pks4_layers.layers.temporal_conv import temporal_conv, temporal_conv_step
 from pks4_layers.models import PKS4VideoClassifier
 from scan_cases import device_for
@@ -179,7 +179,12 @@ def test_stream_errors():
 
 
 @pytest.mark.parametrize(
-    "cues, motion", [(("cost", "displacement", "difference"), 0), (PRIOR_CUES, 25 + 3)]
+    "cues, motion",
+    [
+        (("cost", "displacement", "difference"), 0),
+        (DEFAULT_PRIOR_CUES, 25 + 3),
+        (PRIOR_CUES, 25 + 3 + 2),
+    ],
 )
 def test_long_stream_has_constant_memory(cues, motion):
     """500 frames in chunks of 7: the state's tensors keep their shapes, the outputs stay finite."""
@@ -288,3 +293,18 @@ def test_classifier_refuses_non_causal_temporal_modules():
         causal.step(torch.randn(1, 2, 3, size, size, dtype=torch.float64), state)
     with pytest.raises(ValueError, match=r"x: expected at least one frame"):
         causal.step(torch.randn(2, 0, 3, size, size, dtype=torch.float64), state)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"cues": PRIOR_CUES}, {"corr_dim": None}, {"cues": ("curl", "difference", "change")}],
+    ids=["all-cues", "unreduced", "curl-only"],
+)
+def test_stream_equals_whole_clip_with_the_research_cues(options):
+    block = _block(**options)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, T, 16, 3, 4, generator=g)
+    with torch.no_grad():
+        expected = block(x)
+        streamed, _ = _stream(block, x, CHUNKINGS["uneven"])
+    assert_close(streamed, expected, scale=float(expected.abs().max()))

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers.kinematic_prior import PRIOR_CUES, KinematicPriorEncoder
+from ..layers.kinematic_prior import DEFAULT_PRIOR_CUES, KinematicPriorEncoder
 from .residual import ResidualTemporalModule, bottleneck_width
 from .temporal_adapter import ADAPTER_ACTIVATIONS, depthwise_time_conv
 
@@ -59,9 +59,9 @@ class PriorAdapter(ResidualTemporalModule):
         bidirectional: bool = True,
         prior_dim: int = 32,
         radius: int = 2,
-        corr_dim: int = 64,
+        corr_dim: Optional[int] = 64,
         diff_dim: int = 32,
-        cues: Sequence[str] = PRIOR_CUES,
+        cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "layer",
@@ -103,9 +103,9 @@ class PriorAdapter(ResidualTemporalModule):
         kernel_size: int = 3,
         prior_dim: int = 32,
         radius: int = 2,
-        corr_dim: int = 64,
+        corr_dim: Optional[int] = 64,
         diff_dim: int = 32,
-        cues: Sequence[str] = PRIOR_CUES,
+        cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         learn_corr_temperature: bool = True,
         prior_norm: str = "layer",
         **_: object,

@@ -18,7 +18,7 @@ from ._checks import (
     check_same_dtype,
     check_tokens,
 )
-from .kinematic_prior import PRIOR_CUES, KinematicPriorEncoder
+from .kinematic_prior import DEFAULT_PRIOR_CUES, KinematicPriorEncoder
 from .layout import from_tokens, to_tokens
 from .recompute import maybe_recompute
 from .stream_state import PKS4StreamState
@@ -98,12 +98,12 @@ class PKS4Block(nn.Module):
         radius: int = 2,
         d_conv: int = 4,
         bidirectional: bool = True,
-        corr_dim: int = 64,
+        corr_dim: Optional[int] = 64,
         diff_dim: int = 32,
         backend: str = "auto",
         inner_dim: Optional[int] = None,
         prior_targets: Sequence[str] = ("selection", "output"),
-        cues: Sequence[str] = PRIOR_CUES,
+        cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         out_init: str = "zero",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,

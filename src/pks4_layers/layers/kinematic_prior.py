@@ -11,7 +11,12 @@ its abstract; the paper's exact formulas were not available. Three cues per fram
 * motion boundaries: the difference of reduced features between ``t`` and ``t-1``, passed
   through a small spatial convolution so that it sees where motion starts and stops;
 * change of motion: the displacement cues of frame pair ``(t-1, t)`` minus those of
-  ``(t-2, t-1)``, a per-location acceleration: where a motion starts, stops or turns.
+  ``(t-2, t-1)``, a per-location acceleration: where a motion starts, stops or turns;
+* curl and divergence (``"curl"``, not in the default): of the displacement field, by central
+  differences between neighbouring locations: how neighbours move relative to each other, the
+  same sign of curl everywhere in a rotation, of divergence in an expansion, whatever the
+  location; a per-location displacement averaged over space cannot tell a clockwise from a
+  counter-clockwise turn.
 
 Frame 0 has no predecessor: its cost volume, displacement, confidence and difference are zero,
 and a ``has_previous`` channel tells the fusion which frames had one; likewise the change is
@@ -38,7 +43,11 @@ from torch import Tensor, nn
 from ._checks import check_grid, check_same_dtype, check_tokens
 from .stream_state import PriorStreamState
 
-PRIOR_CUES = ("cost", "displacement", "difference", "change")
+# Every cue the encoder can keep, and the default set (what the ablations chose).
+PRIOR_CUES = ("cost", "displacement", "difference", "change", "curl")
+DEFAULT_PRIOR_CUES = ("cost", "displacement", "difference", "change")
+# Central differences along x and y of a (N, 2, H, W) field, zero beyond the map.
+_DIFF_X = (-0.5, 0.0, 0.5)
 PRIOR_NORMS = ("none", "layer")
 
 
@@ -64,6 +73,22 @@ def local_correlation(current: Tensor, previous: Tensor, radius: int) -> Tensor:
     return torch.stack(costs, dim=1)
 
 
+def curl_divergence(velocity: Tensor, H: int, W: int) -> Tensor:
+    """Curl ``d(vy)/dx - d(vx)/dy`` and divergence ``d(vx)/dx + d(vy)/dy`` of a displacement
+    field ``(B, T, H*W, 2)`` (``(vx, vy)`` per location, row-major), by central differences
+    with zeros beyond the map: ``(B, T, H*W, 2)``."""
+    Bsz = velocity.shape[0]
+    field = rearrange(velocity, "b t (h w) c -> (b t) c h w", h=H, w=W)
+    kernel = field.new_tensor(_DIFF_X)
+    # d/dx and d/dy of both components at once: depthwise convolutions along one axis.
+    ddx = F.conv2d(field, kernel.view(1, 1, 1, 3).expand(2, 1, 1, 3), padding=(0, 1), groups=2)
+    ddy = F.conv2d(field, kernel.view(1, 1, 3, 1).expand(2, 1, 3, 1), padding=(1, 0), groups=2)
+    curl = ddx[:, 1] - ddy[:, 0]
+    divergence = ddx[:, 0] + ddy[:, 1]
+    out = torch.stack([curl, divergence], dim=1)
+    return rearrange(out, "(b t) c h w -> b t (h w) c", b=Bsz)
+
+
 class KinematicPriorEncoder(nn.Module):
     """Kinematic prior per frame and location from the frame and its predecessor.
 
@@ -71,13 +96,15 @@ class KinematicPriorEncoder(nn.Module):
         dim: channels of the input features.
         prior_dim: channels of the returned prior.
         radius: correlation window radius ``r`` (``(2r+1)^2`` displacements).
-        corr_dim: channels the features are reduced to before correlation.
+        corr_dim: channels the features are reduced to before correlation (a learnt linear
+            map); ``None`` correlates the input features themselves, nothing learnt.
         diff_dim: channels of the frame-difference branch.
         cues: the cues fused into the prior, a subset of ``("cost", "displacement",
             "difference", "change")``: the cost volume itself, its soft-argmax displacement
             ``(dx, dy)`` with the match confidence, the frame-difference features, the change
             of the kept cost-volume and displacement cues since the previous frame pair (needs
-            ``"cost"`` or ``"displacement"``).
+            ``"cost"``, ``"displacement"`` or ``"curl"``), the curl and divergence of the
+            displacement field.
         corr_temperature: initial scale of the cosine similarities in the match softmax.
         learn_corr_temperature: learn that scale (``False`` keeps it fixed).
         prior_norm: ``"layer"`` puts a LayerNorm on the fused prior (unit scale whatever the
@@ -93,9 +120,9 @@ class KinematicPriorEncoder(nn.Module):
         dim: int,
         prior_dim: int = 32,
         radius: int = 2,
-        corr_dim: int = 64,
+        corr_dim: Optional[int] = 64,
         diff_dim: int = 32,
-        cues: Sequence[str] = PRIOR_CUES,
+        cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "none",
@@ -108,11 +135,13 @@ class KinematicPriorEncoder(nn.Module):
             raise ValueError(
                 f"cues: expected a non-empty subset of {list(PRIOR_CUES)}, got {list(cues)}"
             )
-        if "change" in cues and not {"cost", "displacement"} & set(cues):
+        if "change" in cues and not {"cost", "displacement", "curl"} & set(cues):
             raise ValueError(
-                f"cues: expected 'cost' or 'displacement' with 'change' (the change of those "
-                f"cues), got {list(cues)}"
+                f"cues: expected 'cost', 'displacement' or 'curl' with 'change' (the change of "
+                f"those cues), got {list(cues)}"
             )
+        if corr_dim is not None and (not isinstance(corr_dim, int) or corr_dim < 1):
+            raise ValueError(f"corr_dim: expected a positive int or None, got {corr_dim!r}")
         if not corr_temperature > 0:
             raise ValueError(f"corr_temperature: expected > 0, got {corr_temperature!r}")
         if prior_norm not in PRIOR_NORMS:
@@ -122,13 +151,17 @@ class KinematicPriorEncoder(nn.Module):
         self.radius = radius
         self.num_displacements = (2 * radius + 1) ** 2
         self.cues = tuple(c for c in PRIOR_CUES if c in cues)
-        self.uses_correlation = "cost" in cues or "displacement" in cues
-        self.corr_dim = corr_dim if self.uses_correlation else 0
+        self.uses_correlation = bool({"cost", "displacement", "curl"} & set(cues))
+        self.matches = "displacement" in cues or "curl" in cues
+        self.reduces = corr_dim is not None
+        self.corr_dim = (corr_dim if self.reduces else dim) if self.uses_correlation else 0
         self.diff_dim = diff_dim if "difference" in cues else 0
 
         if self.uses_correlation:
-            self.corr_reduce = nn.Linear(dim, corr_dim, bias=False)
-        if "displacement" in cues:
+            self.corr_reduce = (
+                nn.Linear(dim, corr_dim, bias=False) if self.reduces else nn.Identity()
+            )
+        if self.matches:
             # Cosine similarities lie in [-1, 1]; a scale sharpens the match distribution.
             log_scale = torch.tensor(math.log(corr_temperature))
             if learn_corr_temperature:
@@ -145,8 +178,10 @@ class KinematicPriorEncoder(nn.Module):
             self.diff_conv = nn.Conv2d(diff_dim, diff_dim, kernel_size=3, padding=1)
 
         # per cue: cost volume (K), (dx, dy) and confidence (3); has_previous; differences
-        self.motion_dim = (self.num_displacements if "cost" in cues else 0) + (
-            3 if "displacement" in cues else 0
+        self.motion_dim = (
+            (self.num_displacements if "cost" in cues else 0)
+            + (3 if "displacement" in cues else 0)
+            + (2 if "curl" in cues else 0)
         )
         self.change_dim = self.motion_dim + 1 if "change" in cues else 0
         # The motion cues a stream carries to the next chunk: only the change cue reads them.
@@ -333,8 +368,12 @@ class KinematicPriorEncoder(nn.Module):
         )
         cost = rearrange(cost, "(b t) k h w -> b t (h w) k", b=Bsz)
         kept = [cost] if "cost" in self.cues else []
-        if "displacement" in self.cues:
-            kept += self._match_summary(cost)
+        if self.matches:
+            velocity, confidence = self._match_summary(cost)
+            if "displacement" in self.cues:
+                kept += [velocity, confidence]
+            if "curl" in self.cues:
+                kept.append(curl_divergence(velocity, H, W))
         later = torch.cat(kept, dim=-1).to(first.dtype)
         if state is None:
             return torch.cat([first, later], dim=1)
@@ -389,4 +428,8 @@ class KinematicPriorEncoder(nn.Module):
         return rearrange(edges, "(b t) c h w -> b t (h w) c", b=x.shape[0])
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, prior_dim={self.prior_dim}, radius={self.radius}, cues={self.cues}"
+        corr = self.corr_dim if self.reduces else "None (the input features)"
+        return (
+            f"dim={self.dim}, prior_dim={self.prior_dim}, radius={self.radius}, cues={self.cues}, "
+            f"corr_dim={corr}"
+        )
