@@ -410,15 +410,15 @@ def _optimizer(
     backbone_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    exempt = model.no_weight_decay()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = block_lr_scale if name.startswith("temporal.") else 1.0
         if name.startswith("backbone."):
             scale = backbone_lr_scale
-        # No decay on biases, norms, 1-D scan parameters, A_log and the learnt time embedding.
-        exempt = name.endswith(("A_log", "time_embed"))
-        decay = weight_decay if p.dim() >= 2 and not exempt else 0.0
+        # No decay on what the model names (biases, norms, A_log, D, time embeddings).
+        decay = 0.0 if name in exempt else weight_decay
         groups.setdefault((lr * scale, decay), []).append(p)
     return torch.optim.AdamW(
         [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]

@@ -145,7 +145,9 @@ def test_change_cue_is_the_change_of_the_motion_cues_since_the_previous_pair():
     assert torch.equal(flag[:, :, 0, 0], torch.tensor([[0.0, 0.0] + [1.0] * 4] * 2))
     assert not change[:, :2].any()
     assert_close(change[:, 2:], motion[:, 2:] - motion[:, 1:-1])
-    with pytest.raises(ValueError, match="cues: expected 'cost', 'displacement' or 'curl' with 'change'"):
+    with pytest.raises(
+        ValueError, match="cues: expected 'cost', 'displacement' or 'curl' with 'change'"
+    ):
         _block(cues=("difference", "change"))
     # A stream state from an encoder without the change cue is refused by name, not in a kernel.
     without = _block(cues=("cost", "displacement")).prior

@@ -11,7 +11,9 @@ from tolerances import assert_close
 
 def _scan(bidirectional: bool = True, backend: str = "auto", **kw) -> ParallelTemporalScan:
     torch.manual_seed(0)
-    return ParallelTemporalScan(8, 5, d_state=4, bidirectional=bidirectional, backend=backend, **kw)
+    return ParallelTemporalScan(
+        8, prior_dim=5, d_state=4, bidirectional=bidirectional, backend=backend, **kw
+    )
 
 
 def _frames_changed(module, x, prior, frame: int) -> list[bool]:
@@ -79,7 +81,7 @@ def test_torch_backend_matches_ref_backend():
 
 
 def test_gradcheck_float64():
-    m = ParallelTemporalScan(4, 3, d_state=2, dt_rank=2).double()
+    m = ParallelTemporalScan(4, prior_dim=3, d_state=2, dt_rank=2).double()
     x = torch.randn(1, 3, 2, 4, dtype=torch.float64, requires_grad=True)
     prior = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x, prior))

@@ -87,6 +87,9 @@ def test_sdist_holds_what_builds_tests_and_benchmarks(dists: dict[str, Path]) ->
         "tests/conftest.py",
         "tests/cuda_emulation/include/cuda_runtime.h",
         "src/pks4_layers/__init__.py",
+        "src/pks4_layers/py.typed",
+        "CHANGELOG.md",
+        "docs/ablations_format3.md",
     ):
         assert needed in names, needed
     assert {f"csrc/motion_scan/{n}" for n in KERNEL_SOURCES} <= names
@@ -103,6 +106,8 @@ def test_wheel_is_pure_python_with_the_kernel_sources(dists: dict[str, Path]) ->
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
     assert {f"pks4_layers/_csrc/motion_scan/{n}" for n in KERNEL_SOURCES} <= names
     assert "pks4_layers/bench/scan_speed.py" in names
+    assert "pks4_layers/py.typed" in names  # PEP 561: the type hints reach type checkers
+    assert "pks4_layers/baselines/temporal_attention.py" in names
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n]
     assert not [n for n in names if "__pycache__" in n or n.endswith((".so", ".pyc"))]
     assert f"{info}/licenses/LICENSE" in names

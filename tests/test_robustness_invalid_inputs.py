@@ -438,7 +438,7 @@ def _encoder() -> KinematicPriorEncoder:
 
 def _scan() -> ParallelTemporalScan:
     torch.manual_seed(0)
-    return ParallelTemporalScan(8, 4, d_state=4)
+    return ParallelTemporalScan(8, prior_dim=4, d_state=4)
 
 
 LAYER_BAD_CALLS = [

@@ -404,7 +404,11 @@ def test_temporal_scan_matches_reference_for_any_valid_input(backend: str, probl
 
     def make(b: str) -> nn.Module:
         return ParallelTemporalScan(
-            DIM, PRIOR_DIM, d_state=p["d_state"], bidirectional=p["bidirectional"], backend=b
+            DIM,
+            prior_dim=PRIOR_DIM,
+            d_state=p["d_state"],
+            bidirectional=p["bidirectional"],
+            backend=b,
         )
 
     shape = (p["batch"], p["T"], L, DIM)

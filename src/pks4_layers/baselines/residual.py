@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers._checks import check_grid, check_same_device, check_same_dtype
 from ..layers.layout import from_tokens, to_tokens
+from ..layers.weight_decay import no_weight_decay_names
 
 __all__ = ["ResidualTemporalModule", "bottleneck_width"]
 
@@ -66,6 +67,11 @@ class ResidualTemporalModule(nn.Module):
         nn.init.zeros_(proj.weight)
         if proj.bias is not None:
             nn.init.zeros_(proj.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay (timm's convention): biases, norms and
+        the scans' ``A_log``, ``D``, step-size bias, the learnt time embedding."""
+        return no_weight_decay_names(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Keep only the module's input for the backward, which recomputes the branch."""

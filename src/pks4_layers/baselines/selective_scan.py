@@ -96,7 +96,7 @@ class SelectiveScanBlock(ResidualTemporalModule):
         self.down = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.scan = ParallelTemporalScan(
             inner,
-            0,
+            prior_dim=0,
             d_state=d_state,
             expand=expand,
             d_conv=d_conv,

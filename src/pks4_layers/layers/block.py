@@ -23,6 +23,7 @@ from .layout import from_tokens, to_tokens
 from .recompute import maybe_recompute
 from .stream_state import PKS4StreamState
 from .temporal_scan import ParallelTemporalScan
+from .weight_decay import no_weight_decay_names
 
 OUTPUT_INITS = ("zero", "small")
 
@@ -92,6 +93,7 @@ class PKS4Block(nn.Module):
     def __init__(
         self,
         dim: int,
+        *,
         prior_dim: int = 32,
         d_state: int = 16,
         expand: int = 1,
@@ -144,7 +146,7 @@ class PKS4Block(nn.Module):
         )
         self.scan = ParallelTemporalScan(
             inner,
-            prior_dim,
+            prior_dim=prior_dim,
             d_state=d_state,
             expand=expand,
             d_conv=d_conv,
@@ -167,6 +169,11 @@ class PKS4Block(nn.Module):
         else:
             nn.init.normal_(self.scan.out_proj.weight, std=0.02)
         nn.init.zeros_(self.scan.out_proj.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay (timm's convention): biases, norms,
+        ``A_log``, ``D`` and the step-size bias (see :mod:`pks4_layers.layers.weight_decay`)."""
+        return no_weight_decay_names(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the block in the backward instead of keeping its activations.

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ._checks import check_grid, check_same_dtype, check_tokens
 from .stream_state import PriorStreamState
+from .weight_decay import no_weight_decay_names
 
 # Every cue the encoder can keep, and the default set (what the ablations chose).
 PRIOR_CUES = ("cost", "displacement", "difference", "change", "curl")
@@ -118,6 +119,7 @@ class KinematicPriorEncoder(nn.Module):
     def __init__(
         self,
         dim: int,
+        *,
         prior_dim: int = 32,
         radius: int = 2,
         corr_dim: Optional[int] = 64,
@@ -125,7 +127,7 @@ class KinematicPriorEncoder(nn.Module):
         cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
-        prior_norm: str = "none",
+        prior_norm: str = "layer",
     ) -> None:
         super().__init__()
         if radius < 0:
@@ -193,6 +195,10 @@ class KinematicPriorEncoder(nn.Module):
             nn.Linear(2 * prior_dim, prior_dim),
         )
         self.norm = nn.LayerNorm(prior_dim) if prior_norm == "layer" else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay: biases, norms, the match temperature."""
+        return no_weight_decay_names(self)
 
     @property
     def _param(self) -> Tensor:

@@ -24,6 +24,7 @@ from ._checks import check_same_device, check_same_dtype, check_tokens
 from .recompute import maybe_recompute
 from .stream_state import ScanStreamState, scan_state_dtype
 from .temporal_conv import temporal_conv, temporal_conv_step
+from .weight_decay import no_weight_decay_names
 
 # "selection": delta, B and C; "stream": added to the scanned stream; "gate": added to z;
 # "output": added to the scan's output, before the output projection.
@@ -202,14 +203,15 @@ class ParallelTemporalScan(nn.Module):
     def __init__(
         self,
         dim: int,
-        prior_dim: int,
+        *,
+        prior_dim: int = 32,
         d_state: int = 16,
         expand: int = 1,
         d_conv: int = 4,
         dt_rank: Union[int, str] = "auto",
         bidirectional: bool = True,
         backend: str = "auto",
-        prior_targets: Sequence[str] = ("selection",),
+        prior_targets: Sequence[str] = ("selection", "output"),
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         out_dim: Optional[int] = None,
@@ -257,6 +259,11 @@ class ParallelTemporalScan(nn.Module):
         )
         self.out_proj = nn.Linear(self.d_inner, dim if out_dim is None else out_dim)
         self.set_recompute(recompute)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay (timm's convention): biases, norms,
+        ``A_log``, ``D`` and the step-size bias (see :mod:`pks4_layers.layers.weight_decay`)."""
+        return no_weight_decay_names(self)
 
     def set_recompute(self, enable: bool) -> None:
         """Recompute (``True``) or keep (``False``) the directions' conv and projections."""

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..layers import PKS4Block
 from ..layers.stream_state import PKS4StreamState, StreamState
+from ..layers.weight_decay import no_weight_decay_names
 from .backbone import Features, FrameBackbone, create_backbone
 from .temporal_heads import create_temporal
 
@@ -150,6 +151,17 @@ class PKS4VideoClassifier(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
         self.train(self.training)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (``model.named_parameters()``'s) to keep out of weight decay, timm's
+        convention: biases, norms, the scan's ``A_log``, ``D`` and step-size bias, learnt time
+        embeddings, and what a timm backbone itself names (position embeddings, class token)."""
+        names = no_weight_decay_names(self)
+        backbone_own = getattr(self.backbone.model, "no_weight_decay", None)
+        if callable(backbone_own):
+            names |= {f"backbone.model.{n}" for n in backbone_own()}
+        own = dict(self.named_parameters())
+        return {n for n in names if n in own}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Gradient checkpointing, timm's way: the temporal module (a :class:`PKS4Block`) keeps

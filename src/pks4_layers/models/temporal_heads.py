@@ -34,6 +34,7 @@ from ..baselines import (
 )
 from ..baselines.temporal_attention import default_num_heads
 from ..layers import PKS4Block
+from ..layers.weight_decay import no_weight_decay_names
 
 __all__ = [
     "PEER_KINDS",
@@ -112,6 +113,10 @@ class TemporalConvBlock(nn.Module):
         self.act = nn.GELU()
         self.pwconv = nn.Linear(dim, dim)
         self.reset_output()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay: biases and norms."""
+        return no_weight_decay_names(self)
 
     def reset_output(self) -> None:
         """Zero the output projection: the block becomes the identity."""

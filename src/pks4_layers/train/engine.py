@@ -412,6 +412,21 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def weight_decay_groups(
+    model: nn.Module, trainable: list[nn.Parameter]
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``trainable`` split into (decayed, not decayed) by ``model.no_weight_decay()`` when the
+    model has one (timm's convention), else by shape (matrices decay, 1-D parameters do not)."""
+    own = getattr(model, "no_weight_decay", None)
+    exempt_names = (
+        own() if callable(own) else {n for n, p in model.named_parameters() if p.dim() < 2}
+    )
+    exempt = {id(p) for n, p in model.named_parameters() if n in exempt_names}
+    decay = [p for p in trainable if id(p) not in exempt]
+    no_decay = [p for p in trainable if id(p) in exempt]
+    return decay, no_decay
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -654,9 +669,9 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
     steps_per_epoch = len(train_loader) // accum_steps
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    # Weight decay on matrices only, as usual: not on norms, biases, or the scan's A, D, dt.
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
+    # Weight decay on the weight matrices only: not on what the model's no_weight_decay() names
+    # (norms, biases, the scan's A_log, D and dt bias, learnt time embeddings).
+    decay, no_decay = weight_decay_groups(model, trainable)
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},

@@ -1,0 +1,67 @@
+"""The public API's promises: keyword-only arguments after ``dim``, the parts' defaults equal
+the block's, and what ``print`` shows."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from pks4_layers import KinematicPriorEncoder, ParallelTemporalScan, PKS4Block
+from pks4_layers.models.temporal_heads import PEERS
+
+LAYERS = (PKS4Block, KinematicPriorEncoder, ParallelTemporalScan, *PEERS.values())
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_every_argument_after_dim_is_keyword_only(cls):
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert params[0].name == "dim" and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), cls.__name__
+
+
+def test_mamba_order_positional_arguments_are_refused():
+    """``PKS4Block(384, 16, 4, 2)`` in mamba's order (d_model, d_state, d_conv, expand) used to
+    build prior_dim=16, d_state=4, expand=2 without a word."""
+    with pytest.raises(TypeError, match="positional argument"):
+        PKS4Block(384, 16, 4, 2)
+
+
+@pytest.mark.parametrize("part", [KinematicPriorEncoder, ParallelTemporalScan])
+def test_the_parts_defaults_equal_the_blocks(part):
+    block = inspect.signature(PKS4Block.__init__).parameters
+    mine = inspect.signature(part.__init__).parameters
+    shared = [n for n in mine if n in block and n not in ("self", "dim")]
+    assert len(shared) >= 6
+    for name in shared:
+        assert mine[name].default == block[name].default, (part.__name__, name)
+
+
+def test_no_weight_decay_names_the_scan_parameters_biases_and_norms():
+    import torch
+
+    from pks4_layers.models import FrameBackbone, PKS4VideoClassifier
+    from pks4_layers.train.engine import weight_decay_groups
+
+    block = PKS4Block(16, inner_dim=8, d_state=4, prior_dim=4, corr_dim=4, diff_dim=4)
+    names = block.no_weight_decay()
+    params = dict(block.named_parameters())
+    assert {n for n in params if n.endswith(("A_log", ".D", "dt_proj.bias"))} <= names
+    assert {n for n in params if n.startswith("norm.") or n.endswith(".bias")} <= names
+    assert "prior.corr_log_scale" in names
+    matrices = {n for n, p in params.items() if p.dim() >= 2 and not n.endswith("A_log")}
+    assert matrices and not matrices & names
+    assert "scan.out_proj.weight" in matrices and "scan.directions.0.x_proj.weight" in matrices
+
+    torch.manual_seed(0)
+    backbone = FrameBackbone(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 8, stride=8)), 16)
+    model = PKS4VideoClassifier(backbone, 3, 4, temporal="attention")
+    exempt = model.no_weight_decay()
+    assert "temporal.time_embed" in exempt and "head.fc.bias" in exempt
+    assert "backbone.model.0.bias" in exempt and "backbone.model.0.weight" not in exempt
+    # pks4-train's optimizer follows it
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = weight_decay_groups(model, trainable)
+    own = dict(model.named_parameters())
+    assert {id(own[n]) for n in exempt} == {id(p) for p in no_decay}
+    assert len(decay) + len(no_decay) == len(trainable)
