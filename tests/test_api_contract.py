@@ -65,3 +65,16 @@ def test_no_weight_decay_names_the_scan_parameters_biases_and_norms():
     own = dict(model.named_parameters())
     assert {id(own[n]) for n in exempt} == {id(p) for p in no_decay}
     assert len(decay) + len(no_decay) == len(trainable)
+
+
+def test_other_video_layouts_are_recognised_and_named():
+    import torch
+
+    block = PKS4Block(16, d_state=4, prior_dim=4, corr_dim=4, diff_dim=4)
+    with pytest.raises(ValueError, match=r"looks like torchvision's / PyTorchVideo's \(B, C, T"):
+        block(torch.randn(2, 16, 5, 3, 4))  # (B, C, T, H, W)
+    with pytest.raises(ValueError, match=r"looks like per-frame maps \(B\*T, C, H, W\)"):
+        block(torch.randn(10, 16, 3, 4))  # (B*T, C, H, W)
+    for cls in PEERS.values():
+        with pytest.raises(ValueError, match=r"\(B, C, T, H, W\) layout"):
+            cls(16)(torch.randn(2, 16, 5, 3, 4))

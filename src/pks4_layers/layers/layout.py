@@ -36,6 +36,12 @@ def to_tokens(
     """
     check_float_tensor("x", x)
     if x.dim() == 5:
+        if x.shape[2] != dim and x.shape[1] == dim:
+            raise ValueError(
+                f"x: expected (B, T, C={dim}, H, W) feature maps, got {tuple(x.shape)}, which "
+                "looks like torchvision's / PyTorchVideo's (B, C, T, H, W) layout: pass "
+                "x.transpose(1, 2)"
+            )
         if x.shape[2] != dim:
             raise ValueError(
                 f"x: expected a feature map (B, T, C={dim}, H, W), got {tuple(x.shape)}"
@@ -49,6 +55,12 @@ def to_tokens(
             raise ValueError(f"grid: expected {(H, W)} (that of x) or None, got {grid!r}")
         return rearrange(x, "b t c h w -> b t (h w) c"), (H, W), 0
     if x.dim() == 4:
+        if x.shape[-1] != dim and x.shape[1] == dim:
+            raise ValueError(
+                f"x: expected (B, T, C={dim}, H, W) feature maps or (B, T, N, C={dim}) tokens, got "
+                f"{tuple(x.shape)}, which looks like per-frame maps (B*T, C, H, W): pass "
+                "x.unflatten(0, (B, T))"
+            )
         if x.shape[-1] != dim:
             raise ValueError(f"x: expected tokens (B, T, N, C={dim}), got {tuple(x.shape)}")
         if grid is None and need_grid:
