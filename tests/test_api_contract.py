@@ -78,3 +78,11 @@ def test_other_video_layouts_are_recognised_and_named():
     for cls in PEERS.values():
         with pytest.raises(ValueError, match=r"\(B, C, T, H, W\) layout"):
             cls(16)(torch.randn(2, 16, 5, 3, 4))
+
+
+def test_print_shows_what_was_chosen():
+    text = repr(PKS4Block(32, d_state=8, bidirectional=False, prior_targets=("selection",)))
+    for shown in ("d_state=8", "bidirectional=False", "prior_targets=('selection',)", "cues="):
+        assert shown in text, shown
+    assert "forward in time" in text and "reverse in time" not in text
+    assert "reverse in time" in repr(PKS4Block(32))

@@ -170,6 +170,15 @@ class PKS4Block(nn.Module):
             nn.init.normal_(self.scan.out_proj.weight, std=0.02)
         nn.init.zeros_(self.scan.out_proj.bias)
 
+    def extra_repr(self) -> str:
+        scan = self.scan.directions[0]
+        return (
+            f"dim={self.dim}, inner_dim={self.inner_dim}, d_state={scan.d_state}, "
+            f"expand={self.scan.d_inner // self.inner_dim}, "
+            f"bidirectional={self.scan.bidirectional}, prior_targets={self.scan.prior_targets}, "
+            f"cues={self.prior.cues}, out_init={self.out_init!r}, backend={scan.backend!r}"
+        )
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names to keep out of weight decay (timm's convention): biases, norms,
         ``A_log``, ``D`` and the step-size bias (see :mod:`pks4_layers.layers.weight_decay`)."""

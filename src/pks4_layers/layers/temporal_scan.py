@@ -96,6 +96,14 @@ class DirectionalScan(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
 
+    def extra_repr(self) -> str:
+        d_inner, d_conv = self.conv_weight.shape
+        return (
+            f"{'reverse' if self.reverse else 'forward'} in time, d_inner={d_inner}, "
+            f"d_state={self.d_state}, d_conv={d_conv}, dt_rank={self.dt_rank}, "
+            f"prior_selects={self.prior_proj is not None}, backend={self.backend!r}"
+        )
+
     def forward(self, x: Tensor, z: Tensor, prior: Optional[Tensor]) -> Tensor:
         u, delta, B, C = maybe_recompute(self.recompute, self._selection, x, prior)
         return self._scan(u, delta, B, C, z)
@@ -270,6 +278,12 @@ class ParallelTemporalScan(nn.Module):
         self.recompute = bool(enable)
         for direction in self.directions:
             direction.recompute = self.recompute
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, prior_dim={self.prior_dim}, d_inner={self.d_inner}, "
+            f"bidirectional={self.bidirectional}, prior_targets={self.prior_targets}"
+        )
 
     def _stream_and_gate(
         self, x: Tensor, prior: Optional[Tensor]
