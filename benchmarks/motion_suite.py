@@ -183,6 +183,19 @@ VARIANTS: dict[str, Variant] = {
         corr_dim=None,
         cues=("cost", "displacement", "difference", "change", "curl"),
     ),
+    # against memorising the content of the training clips (regularisers of the scan)
+    "pks4_kinematic": _pks4("the scan reads the prior, not the features", scan_input="prior"),
+    "pks4_scan_drop": _pks4("dropout 0.5 on the features the scan reads", scan_dropout=0.5),
+    "pks4_scan_drop_curl": _pks4(
+        "scan dropout 0.5 and the curl cue",
+        scan_dropout=0.5,
+        cues=("cost", "displacement", "difference", "change", "curl"),
+    ),
+    "pks4_kinematic_curl": _pks4(
+        "the scan reads the prior (with the curl cue)",
+        scan_input="prior",
+        cues=("cost", "displacement", "difference", "change", "curl"),
+    ),
     # output projection, sizes, direction
     "pks4_small_out": _pks4("output projection small random (std 0.02)", out_init="small"),
     "pks4_state4": _pks4("d_state 4", d_state=4),

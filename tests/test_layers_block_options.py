@@ -319,3 +319,39 @@ def test_recompute_gives_the_same_gradients_and_keeps_less(bidirectional):
     saved_kept = _saved_bytes(lambda: kept(x.requires_grad_()))
     saved_recomputed = _saved_bytes(lambda: recomputed(x.requires_grad_()))
     assert saved_recomputed < 0.75 * saved_kept, (saved_recomputed, saved_kept)
+
+
+def test_scan_input_prior_scans_the_kinematic_prior_and_streams():
+    block = _open(_block(scan_input="prior", bidirectional=False))
+    assert block.scan.in_proj.in_features == 6  # prior_dim: the scan reads the prior
+    x = torch.randn(2, 5, DIM, 3, 4)
+    assert torch.equal(_block(scan_input="prior")(x), x)  # identity when created
+    with torch.no_grad():
+        whole = block(x)
+        first, state = block.step(x[:, :2])
+        second, _ = block.step(x[:, 2:], state)
+    assert_close(torch.cat([first, second], 1), whole)
+    # the scan's stream is the prior: the features reach the branch only through it
+    seen = []
+    handle = block.scan.in_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        block(x)
+    handle.remove()
+    prior = block.prior(block.down(block.norm(x.flatten(3).transpose(2, 3))), (3, 4))
+    assert_close(seen[0], prior)
+    with pytest.raises(ValueError, match=r"^scan_input: expected one of \['features', 'prior'\]"):
+        _block(scan_input="content")
+
+
+def test_scan_dropout_acts_on_the_scanned_features_in_training_only():
+    x = torch.randn(2, 5, DIM, 3, 4)
+    plain, dropped = _open(_block()), _open(_block(scan_dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), dropped(x))
+        dropped.train()
+        torch.manual_seed(3)
+        assert not torch.allclose(dropped(x), plain(x))
+    with pytest.raises(ValueError, match=r"^scan_dropout: expected a float in \[0, 1\)"):
+        _block(scan_dropout=1.0)

@@ -26,6 +26,7 @@ from .temporal_scan import ParallelTemporalScan
 from .weight_decay import no_weight_decay_names
 
 OUTPUT_INITS = ("zero", "small")
+SCAN_INPUTS = ("features", "prior")
 
 
 class PKS4Block(nn.Module):
@@ -68,6 +69,11 @@ class PKS4Block(nn.Module):
             sharpness and output normalisation (see :class:`KinematicPriorEncoder`); the
             default LayerNorm on the prior gives its routes the same scale whatever the
             backbone's feature scale.
+        scan_input: the stream the scan reads: ``"features"`` (the block's normalised
+            features, the default) or ``"prior"`` (the kinematic prior itself: a scan that
+            sees motion and no content; research setting).
+        scan_dropout: dropout on the features the scan reads, not on the prior (research
+            setting).
         recompute: in a training forward, keep neither the prior encoder's intermediate
             results nor the scan directions' conv and projections: the backward recomputes them
             from inputs it keeps anyway (same gradients, about half the memory of the block,
@@ -113,6 +119,8 @@ class PKS4Block(nn.Module):
         learn_corr_temperature: bool = True,
         prior_norm: str = "layer",
         recompute: bool = True,
+        scan_input: str = "features",
+        scan_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         inner = dim if inner_dim is None else inner_dim
@@ -123,6 +131,10 @@ class PKS4Block(nn.Module):
                 "prior_targets: expected at least one route for the kinematic prior (the block "
                 "without it is pks4_layers.baselines.SelectiveScanBlock, temporal='scan'), got []"
             )
+        if scan_input not in SCAN_INPUTS:
+            raise ValueError(f"scan_input: expected one of {list(SCAN_INPUTS)}, got {scan_input!r}")
+        if not 0.0 <= scan_dropout < 1.0:
+            raise ValueError(f"scan_dropout: expected a float in [0, 1), got {scan_dropout!r}")
         if out_init not in OUTPUT_INITS:
             raise ValueError(f"out_init: expected one of {list(OUTPUT_INITS)}, got {out_init!r}")
         self.dim = dim
@@ -144,8 +156,12 @@ class PKS4Block(nn.Module):
             learn_corr_temperature=learn_corr_temperature,
             prior_norm=prior_norm,
         )
+        self.scan_input = scan_input
+        # Dropout on the features the scan reads (not on the prior): a regulariser against
+        # memorising the content of a few training clips instead of reading their motion.
+        self.scan_drop = nn.Dropout(scan_dropout) if scan_dropout else nn.Identity()
         self.scan = ParallelTemporalScan(
-            inner,
+            inner if scan_input == "features" else prior_dim,
             prior_dim=prior_dim,
             d_state=d_state,
             expand=expand,
@@ -169,6 +185,11 @@ class PKS4Block(nn.Module):
         else:
             nn.init.normal_(self.scan.out_proj.weight, std=0.02)
         nn.init.zeros_(self.scan.out_proj.bias)
+
+    def _scanned(self, h: Tensor, prior: Tensor) -> Tensor:
+        """What the scan reads as its stream: the features, or the prior itself (a purely
+        kinematic scan that sees no content)."""
+        return self.scan_drop(h) if self.scan_input == "features" else prior
 
     def extra_repr(self) -> str:
         scan = self.scan.directions[0]
@@ -335,6 +356,7 @@ class PKS4Block(nn.Module):
             no_motion = prior.new_zeros(*prior.shape[:2], prefix, prior.shape[-1])
             prior = torch.cat([no_motion, prior], dim=2)
         if not stream:
-            return x + self.scan(h, prior), None
-        y, scan_state = self.scan.step(h, prior, None if state is None else state.scan)
+            return x + self.scan(self._scanned(h, prior), prior), None
+        scanned = self._scanned(h, prior)
+        y, scan_state = self.scan.step(scanned, prior, None if state is None else state.scan)
         return x + y, PKS4StreamState(prior=prior_state, scan=scan_state)
