@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -50,6 +51,17 @@ class ClassifierStreamState(StreamState):
     pooled_sum: Tensor
     frames_seen: int = 0
     temporal: Optional[PKS4StreamState] = None
+
+
+def _backbone_spec(backbone: object, pretrained: object) -> Optional[dict]:
+    """How :func:`~pks4_layers.models.serialization.from_pretrained` rebuilds the backbone's
+    architecture: its name (``None`` for a module given by the user)."""
+    if not isinstance(backbone, str):
+        return None
+    spec: dict = {"name": backbone}
+    if backbone == "efficientnet_lite0" and pretrained is True:
+        spec["weights_arch"] = "efficientnet_lite0"  # timm's tf_ variant the weights fit
+    return spec
 
 
 class PKS4VideoClassifier(nn.Module):
@@ -113,6 +125,17 @@ class PKS4VideoClassifier(nn.Module):
         token_pool: str = "avg",
     ) -> None:
         super().__init__()
+        # What rebuilds this model (save_pretrained): its arguments and the backbone's name.
+        self.init_config: dict = {
+            "backbone": _backbone_spec(backbone, pretrained),
+            "num_classes": num_classes,
+            "num_frames": num_frames,
+            "temporal": temporal,
+            "freeze_backbone": freeze_backbone,
+            "drop_rate": drop_rate,
+            "block_kwargs": dict(block_kwargs or {}),
+            "token_pool": token_pool,
+        }
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         if not isinstance(num_frames, int) or num_frames < 1:
@@ -151,6 +174,29 @@ class PKS4VideoClassifier(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(not frozen)
         self.train(self.training)
+
+    def save_pretrained(self, directory) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (weights only, no pickle) to
+        ``directory``: :meth:`from_pretrained` rebuilds the model from them, offline."""
+        from .serialization import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, backbone: Optional[nn.Module] = None):
+        """The model :meth:`save_pretrained` wrote to ``directory`` (``backbone``: the image
+        model, needed only when the saved model's backbone was given as a module)."""
+        from .serialization import from_pretrained
+
+        return from_pretrained(directory, backbone=backbone)
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """The model of a ``pks4-train`` checkpoint, rebuilt from its config, weights loaded;
+        its class names in ``model.classes``."""
+        from .serialization import from_checkpoint
+
+        return from_checkpoint(path)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (``model.named_parameters()``'s) to keep out of weight decay, timm's

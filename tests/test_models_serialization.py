@@ -1,0 +1,103 @@
+"""save_pretrained / from_pretrained (config + safetensors, no pickle) and from_checkpoint."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pks4_layers.models import FrameBackbone, PKS4VideoClassifier
+
+pytest.importorskip("safetensors")
+
+
+def _conv() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 8, stride=8), nn.BatchNorm2d(16), nn.GELU())
+
+
+def _opened(model: PKS4VideoClassifier) -> PKS4VideoClassifier:
+    """Random weights everywhere (the temporal output starts at zero)."""
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def test_round_trip_with_a_module_backbone(tmp_path: Path):
+    torch.manual_seed(0)
+    kwargs = {"d_state": 4, "prior_dim": 8, "corr_dim": 8, "prior_targets": ("selection",)}
+    model = _opened(PKS4VideoClassifier(FrameBackbone(_conv(), 16), 3, 4, block_kwargs=kwargs))
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["backbone"] is None and config["library_version"]
+    assert config["block_kwargs"]["prior_targets"] == ["selection"]
+    # safetensors: an 8-byte header length, a JSON header, raw tensor bytes (nothing to unpickle)
+    raw = (tmp_path / "saved" / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert "temporal.scan.out_proj.weight" in json.loads(raw[8 : 8 + n])
+    with pytest.raises(ValueError, match=r"^backbone: expected the image model"):
+        PKS4VideoClassifier.from_pretrained(tmp_path / "saved")
+    loaded = PKS4VideoClassifier.from_pretrained(
+        tmp_path / "saved", backbone=FrameBackbone(_conv(), 16)
+    ).eval()
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.temporal.scan.prior_targets == ("selection",)
+
+
+@pytest.mark.parametrize("temporal", ["pks4", "attention"])
+def test_round_trip_with_a_named_backbone(tmp_path: Path, temporal):
+    pytest.importorskip("torchvision")
+    model = _opened(PKS4VideoClassifier("tv_resnet18", 5, 4, temporal=temporal))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["backbone"] == {"name": "tv_resnet18"}
+    loaded = PKS4VideoClassifier.from_pretrained(tmp_path).eval()
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_state_of_an_older_layout_says_what_differs(tmp_path: Path):
+    """Weights from before the change-of-motion cue (the prior's fusion layer was [64, 61]) do
+    not load silently: one line names the tensor, both shapes and where it came from."""
+    old = PKS4VideoClassifier(
+        FrameBackbone(_conv(), 16),
+        3,
+        4,
+        block_kwargs={"cues": ("cost", "displacement", "difference")},
+    )
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["block_kwargs"] = {}  # as if the defaults had been saved implicitly
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"prior\.fuse\.0\.weight \[64, 61\] \(model: \[64, 90\]\)"
+    ):
+        PKS4VideoClassifier.from_pretrained(tmp_path, backbone=FrameBackbone(_conv(), 16))
+
+
+def test_from_checkpoint_rebuilds_a_trained_model(tmp_path: Path):
+    pytest.importorskip("timm")
+    from pks4_layers.train import parse_args
+    from pks4_layers.train.checkpoint import save_checkpoint
+    from pks4_layers.train.engine import build_model
+
+    cfg, _ = parse_args(["--backbone", "resnet18", "--temporal", "tsm", "--num-frames", "4"])
+    model = _opened(build_model(cfg, num_classes=3, random_weights=True))
+    path = tmp_path / "checkpoint_best.pt"
+    state = {"model": model.state_dict(), "config": cfg.to_dict(), "classes": ["a", "b", "c"]}
+    save_checkpoint(path, state)
+    loaded = PKS4VideoClassifier.from_checkpoint(path).eval()
+    assert loaded.classes == ["a", "b", "c"] and loaded.temporal_kind == "tsm"
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"expected a pks4-layers checkpoint dict with a 'model'"):
+        save_checkpoint(tmp_path / "other.pt", {"weights": torch.zeros(1)})
+        PKS4VideoClassifier.from_checkpoint(tmp_path / "other.pt")
