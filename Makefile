@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint bench results suite gpu-check lowest-torch clean
+.PHONY: setup test lint bench results suite suite-peers gpu-check lowest-torch clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,14 @@ results: $(STAMP)
 # ablations choose on validation: python benchmarks/motion_suite.py --models pks4,pks4_stream
 suite: $(STAMP)
 	$(PY) benchmarks/motion_suite.py --report-split test $(SUITE_ARGS)
+
+# PKS4 against the temporal modules users would insert instead (frame MLP, TSM, ST-Adapter,
+# temporal attention, the scan without the prior, the prior without the scan, VideoMamba's
+# order), each at PKS4's parameter budget, in three regimes (frozen, from scratch, fine-tuned),
+# on two processes of one thread; with --resume a stopped run goes on where it was.
+suite-peers: $(STAMP)
+	$(PY) benchmarks/motion_suite.py --peers --report-split test --shards 2 --resume \
+		--out benchmarks/results/motion_peers $(SUITE_ARGS)
 
 # The device check on a machine with a GPU (benchmarks/gpu_check.py): the CUDA tests,
 # compute-sanitizer, the speed and memory benchmarks, in about 8 minutes. It runs with the

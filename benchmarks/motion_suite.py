@@ -301,6 +301,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "matrix concurrently, then once more with all of them to report",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="run the matrix in this many processes of one thread each (their (task, seed) "
+        "pairs disjoint), then report from all of them: small models use two cores better so",
+    )
+    p.add_argument("--shard", default="", help=argparse.SUPPRESS)  # "i/n", set for the children
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.full or args.peers:
@@ -999,6 +1007,12 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.shards > 1 and not args.shard:
+        if not run_shards(args, sys.argv[1:] if argv is None else list(argv)):
+            return 1
+        args.runs_from = ",".join(
+            [*filter(None, args.runs_from.split(",")), *map(str, shard_runs(args))]
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     backbones = make_backbones(args)
@@ -1010,6 +1024,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for model in args.models
         if runs_in(regime, model)
     ]
+    if args.shard:
+        index, count = (int(v) for v in args.shard.split("/"))
+        pairs = list(dict.fromkeys((p[1], p[3]) for p in plan))
+        mine = {pair for k, pair in enumerate(pairs) if k % count == index}
+        plan = [p for p in plan if (p[1], p[3]) in mine]
     out = Path(args.out)
     partial = out.with_suffix(".runs.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -1067,11 +1086,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                     partial.write_text(json.dumps({"config": vars(args), "runs": runs}))
     order = {p: i for i, p in enumerate(plan)}
     runs.sort(key=lambda r: order[_key(r)])
+    # Measured once, by the process that reports (not by shards running side by side).
     costs = {
         f"{regime}/{model}": temporal_costs(args, regime, VARIANTS[model])
         for regime in args.regimes
         for model in args.models
-        if model not in PROBES
+        if model not in PROBES and not args.shard
     }
     rows, models, table = report(runs, args.report_split)
     if costs:
@@ -1119,6 +1139,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         saved.append(out.with_suffix(".png"))
     print("saved " + ", ".join(str(p) for p in saved), file=sys.stderr)
     return 0
+
+
+def shard_runs(args: argparse.Namespace) -> list[Path]:
+    """The ``.runs.json`` files the shards of ``--out`` write."""
+    out = Path(args.out)
+    return [
+        out.with_name(f"{out.name}_shard{i}").with_suffix(".runs.json") for i in range(args.shards)
+    ]
+
+
+def run_shards(args: argparse.Namespace, argv: list[str]) -> bool:
+    """``--shards N``: this script N times at once, one thread each, each on its share of the
+    (task, seed) pairs, writing its runs beside ``--out``; True when all of them succeeded."""
+    import subprocess
+
+    out = Path(args.out)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *argv,
+                f"--shard={i}/{args.shards}",
+                "--shards=1",
+                "--threads=1",
+                f"--out={out.with_name(f'{out.name}_shard{i}')}",
+            ]
+        )
+        for i in range(args.shards)
+    ]
+    return all(proc.wait() == 0 for proc in procs)
 
 
 def _clips_of(args: argparse.Namespace) -> int:

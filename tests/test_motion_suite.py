@@ -315,7 +315,7 @@ def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
         "--scratch-width=16",
         "--train-clips=4",
         "--val-clips=4",
-        "--test-clips=2",
+        "--test-clips=3",
         "--batch-size=4",
         "--no-pretrained",
         f"--data-root={tmp_path / 'data'}",
@@ -364,3 +364,41 @@ def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
         if any(p is q for q in group["params"])
     }
     assert decay["temporal.time_embed"] == 0.0 and decay["temporal.qkv.weight"] == 0.05
+
+
+def test_shards_split_the_task_seed_pairs_and_report_together(tmp_path: Path, capsys) -> None:
+    """--shards 2: two processes of one thread on disjoint (task, seed) pairs, then one report
+    from both, with every run of the plan."""
+    out = tmp_path / "sharded"
+    argv = [
+        "--regimes=scratch",
+        "--tasks=shuttle,spatial",
+        "--models=mean,tconv",
+        "--seeds=0,1",
+        "--epochs=1",
+        "--frames=3",
+        "--size=32",
+        "--scratch-size=32",
+        "--scratch-width=8",
+        "--train-clips=4",
+        "--val-clips=4",
+        "--test-clips=3",
+        "--batch-size=4",
+        f"--data-root={tmp_path / 'data'}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    assert motion_suite.main([*argv, "--shards=2"]) == 0
+    capsys.readouterr()
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    plan = {
+        (g, t, m, s)
+        for g in ["scratch"]
+        for t in ["shuttle", "spatial"]
+        for m in ["mean", "tconv"]
+        for s in [0, 1]
+    }
+    assert set(map(motion_suite._key, runs)) == plan and len(runs) == len(plan)
+    shards = motion_suite.shard_runs(motion_suite.parse_args([*argv, "--shards=2"]))
+    pairs = [{(r["task"], r["seed"]) for r in json.loads(p.read_text())["runs"]} for p in shards]
+    assert len(pairs[0]) == len(pairs[1]) == 2 and not pairs[0] & pairs[1]
