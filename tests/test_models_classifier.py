@@ -119,14 +119,51 @@ def test_frame_backbone_torchvision_without_fc_and_custom_module():
         FrameBackbone(_timm_cnn(), num_features=100)
 
 
-def test_frame_backbone_drops_unused_classifier():
+def test_frame_backbone_leaves_the_users_model_as_it_was():
+    """The classifier never runs: it is left out of the backbone (no parameter without a
+    gradient), and the model the user passed keeps it, its weights shared, not copied."""
     tv = torchvision.models.resnet18(weights=None)
     net = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    for model in (FrameBackbone(tv), FrameBackbone(net)):
+    for original, model in ((tv, FrameBackbone(tv)), (net, FrameBackbone(net))):
         model(_clip()).x.sum().backward()
         assert all(p.grad is not None for p in model.parameters())
-    assert isinstance(tv.fc, nn.Identity)
-    assert net.num_classes == 0
+        assert isinstance(original.fc, nn.Linear)  # still the user's classifier
+        assert original.fc.weight.grad is None
+        assert model.model.conv1.weight is original.conv1.weight  # shared, not copied
+        theirs = sum(p.numel() for p in original.parameters())
+        assert (
+            sum(p.numel() for p in model.parameters())
+            == theirs - original.fc.weight.numel() - original.fc.bias.numel()
+        )
+    assert net.num_classes == 10
+    logits = net(torch.randn(1, 3, SIZE, SIZE))
+    assert logits.shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "name, channels",
+    [
+        ("mobilenet_v3_small", 576),
+        ("efficientnet_b0", 1280),
+        ("convnext_tiny", 768),
+        ("regnet_x_400mf", 400),
+        ("densenet121", 1024),
+    ],
+)
+def test_torchvision_classifiers_beyond_resnet(name, channels):
+    model = getattr(torchvision.models, name)(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backbone = FrameBackbone(model)
+    # the channel probe ran in eval mode: no BatchNorm statistic moved, nothing was replaced
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+    head = model.classifier if hasattr(model, "classifier") else model.fc
+    assert not isinstance(head, nn.Identity)
+    assert backbone.num_features == channels and backbone.source.startswith("torchvision_")
+    feats = backbone(_clip())
+    assert feats.kind == "map" and feats.x.shape[:3] == (B, T, channels)
+    clf = PKS4VideoClassifier(backbone, CLASSES, T, temporal="tsm")
+    assert clf(_clip()).shape == (B, CLASSES)
 
 
 def test_frame_backbone_rejects_wrong_outputs():

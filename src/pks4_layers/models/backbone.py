@@ -7,10 +7,13 @@ tokens from the model itself. :func:`create_backbone` builds one by name, offlin
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -64,6 +67,61 @@ def _torchvision_resnet_channels(model: nn.Module) -> int:
     return conv.out_channels
 
 
+def _is_torchvision_trunk(model: nn.Module) -> Optional[str]:
+    """``"features"`` for a torchvision classifier whose ``forward`` is ``features`` then a
+    pooled ``classifier`` (MobileNet, EfficientNet, ConvNeXt, VGG, DenseNet, ...), ``"regnet"``
+    for RegNet (``stem``, ``trunk_output``, ``fc``), else ``None``."""
+    if hasattr(model, "forward_features"):
+        return None
+    if isinstance(getattr(model, "features", None), nn.Module) and hasattr(model, "classifier"):
+        return "features"
+    if all(isinstance(getattr(model, n, None), nn.Module) for n in ("stem", "trunk_output", "fc")):
+        return "regnet"
+    return None
+
+
+@torch.no_grad()
+def _output_channels(trunk, model: nn.Module, in_chans: int) -> int:
+    """Channels of ``trunk(x)``, read from one small zero image in eval mode (BatchNorm running
+    statistics untouched), the model's mode restored after."""
+    ref = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        out = trunk(torch.zeros(1, in_chans, 64, 64, device=ref.device, dtype=ref.dtype))
+    finally:
+        model.train(was_training)
+    return int(out.shape[1])
+
+
+def _without(model: nn.Module, path: str) -> nn.Module:
+    """A view of ``model`` without the submodule at dotted ``path`` (replaced by
+    ``nn.Identity``): a shallow copy that shares every other submodule, parameter and buffer
+    with ``model``, which itself is left exactly as it was."""
+    head, _, rest = path.partition(".")
+    if head not in model._modules:
+        return model
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._parameters = dict(model._parameters)
+    view._buffers = dict(model._buffers)
+    view._modules[head] = _without(model._modules[head], rest) if rest else nn.Identity()
+    return view
+
+
+def _classifier_paths(model: nn.Module, source: str) -> tuple[str, ...]:
+    """Where the model's classifier sits: it never runs here."""
+    if source in ("torchvision_resnet", "torchvision_regnet"):
+        return ("fc",)
+    if source == "torchvision_features":
+        return ("classifier",)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    found = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if isinstance(found, str):
+        return (found,)
+    return tuple(found or ())
+
+
 def _is_timm_vit(model: nn.Module) -> bool:
     return hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens")
 
@@ -90,10 +148,17 @@ class FrameBackbone(nn.Module):
     * timm CNNs (``forward_features``): maps ``(BT, C, h, w)`` (NHWC outputs, as from Swin, are
       permuted), ``C = model.num_features``;
     * torchvision ResNets (``conv1`` ... ``layer4``): the output of ``layer4``;
+    * torchvision classifiers with a ``features`` trunk (MobileNet V2/V3, EfficientNet,
+      ConvNeXt, VGG, DenseNet, ...): the output of ``features`` (DenseNet's after its ReLU);
+      RegNet: the output of ``trunk_output``; the channels are read from the trunk;
+    * any module with the hook ``forward_features(x) -> (BT, C, h, w)`` and a
+      ``num_features`` attribute (timm's convention: write one for your own model);
     * any other module whose ``forward`` returns ``(BT, C, h, w)``, given ``num_features=C``.
 
-    The classifier of a timm model (``reset_classifier(0)``) or torchvision ResNet (``fc``
-    becomes ``nn.Identity``) is removed from ``model`` in place: it is never used.
+    ``model`` is wrapped, never changed: its classifier, which never runs here, is left out of
+    this module (a view that shares every other submodule and parameter with ``model``), so it
+    neither counts as a backbone parameter nor goes without gradients (which
+    DistributedDataParallel rejects), and the user's model keeps it.
 
     Args:
         model: the image model.
@@ -112,8 +177,8 @@ class FrameBackbone(nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, FrameBackbone):
             raise TypeError("model: expected an image model, got a FrameBackbone (use it as is)")
-        self.model = model
         self.in_chans = in_chans
+        trunk = _is_torchvision_trunk(model)
         if _is_timm_vit(model):
             self.source, self.kind = "timm_vit", "tokens"
             detected = getattr(model, "num_features", None) or getattr(model, "embed_dim", None)
@@ -123,6 +188,9 @@ class FrameBackbone(nn.Module):
         elif _is_torchvision_resnet(model):
             self.source, self.kind = "torchvision_resnet", "map"
             detected = _torchvision_resnet_channels(model)
+        elif trunk is not None:
+            self.source, self.kind = f"torchvision_{trunk}", "map"
+            detected = _output_channels(lambda x: self._trunk_forward(model, x), model, in_chans)
         else:
             self.source, self.kind = "module", "map"
             detected = None
@@ -138,22 +206,26 @@ class FrameBackbone(nn.Module):
                 f"got {num_features}"
             )
         self.num_features = int(detected if detected is not None else num_features)
-        self._drop_classifier(model)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        view = model
+        for path in _classifier_paths(model, self.source):
+            view = _without(view, path)
+        self.model = view
 
-    def _drop_classifier(self, model: nn.Module) -> None:
-        # The classifier never runs here: left in place it would count as backbone parameters
-        # and leave parameters without gradients (which DistributedDataParallel rejects).
-        if self.source == "torchvision_resnet":
-            model.fc = nn.Identity()
-        elif self.source in ("timm_vit", "timm_cnn") and getattr(model, "num_classes", 0):
-            model.reset_classifier(0)
+    def _trunk_forward(self, m: nn.Module, x: Tensor) -> Tensor:
+        if self.source == "torchvision_regnet":
+            return m.trunk_output(m.stem(x))
+        out = m.features(x)
+        # DenseNet's features end with a BatchNorm; its forward applies the ReLU after them.
+        return F.relu(out) if type(m).__name__ == "DenseNet" else out
 
     def _forward_frames(self, x: Tensor) -> Tensor:
         m = self.model
         if self.source == "torchvision_resnet":
             x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
             return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        if self.source in ("torchvision_features", "torchvision_regnet"):
+            return self._trunk_forward(m, x)
         if self.source in ("timm_vit", "timm_cnn"):
             return m.forward_features(x)
         return m(x)
