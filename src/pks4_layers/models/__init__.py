@@ -12,6 +12,7 @@ from .temporal_heads import (
     inner_dim_for_params,
     temporal_num_params,
 )
+from .vit_insertion import TemporalBeforeBlock, insert_temporal
 
 __all__ = [
     "TEMPORAL_KINDS",
@@ -21,6 +22,7 @@ __all__ = [
     "FrameBackbone",
     "ModelReport",
     "PKS4VideoClassifier",
+    "TemporalBeforeBlock",
     "TemporalConvBlock",
     "TemporalIdentity",
     "count_flops",
@@ -28,6 +30,7 @@ __all__ = [
     "create_temporal",
     "efficientnet_lite0",
     "inner_dim_for_params",
+    "insert_temporal",
     "model_report",
     "temporal_num_params",
 ]
