@@ -86,3 +86,14 @@ def test_print_shows_what_was_chosen():
         assert shown in text, shown
     assert "forward in time" in text and "reverse in time" not in text
     assert "reverse in time" in repr(PKS4Block(32))
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_device_and_dtype_arguments_place_every_parameter(cls):
+    import torch
+
+    kwargs = {"prior_dim": 4} if cls is ParallelTemporalScan else {}
+    module = cls(16, dtype=torch.float64, **kwargs)
+    assert {p.dtype for p in module.parameters()} == {torch.float64}
+    meta = cls(16, device="meta", **kwargs)
+    assert {p.device.type for p in meta.parameters()} == {"meta"}

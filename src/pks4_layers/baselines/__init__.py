@@ -2,8 +2,9 @@
 
 Each takes feature maps ``(B, T, C, H, W)`` or tokens ``(B, T, N, C)`` with
 ``forward(x, grid=None, num_prefix_tokens=0)``, returns the input's shape, is the identity when
-created, takes ``inner_dim`` (its width) and ``bidirectional`` (``False``: causal, where the
-design allows it), and has ``num_params(dim, **kwargs)``, its parameter count from the formula
+created, takes ``inner_dim`` (its width), ``bidirectional`` (``False``: causal, where the
+design allows it) and ``device`` / ``dtype`` (where and in which dtype its parameters are
+created), and has ``num_params(dim, **kwargs)``, its parameter count from the formula
 in its docstring. :func:`pks4_layers.models.create_temporal` builds them by name.
 """
 

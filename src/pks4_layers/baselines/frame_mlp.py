@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .residual import ResidualTemporalModule, bottleneck_width
@@ -36,7 +37,13 @@ class FrameMLP(ResidualTemporalModule):
     """
 
     def __init__(
-        self, dim: int, *, inner_dim: Optional[int] = None, bidirectional: bool = True
+        self,
+        dim: int,
+        *,
+        inner_dim: Optional[int] = None,
+        bidirectional: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(dim)
         self.inner_dim = bottleneck_width(dim, inner_dim)
@@ -45,6 +52,8 @@ class FrameMLP(ResidualTemporalModule):
         self.act = nn.GELU()
         self.out_proj = nn.Linear(self.inner_dim, dim)
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def num_params(dim: int, *, inner_dim: Optional[int] = None, **_: object) -> int:

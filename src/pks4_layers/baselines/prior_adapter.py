@@ -65,6 +65,8 @@ class PriorAdapter(ResidualTemporalModule):
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "layer",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(dim)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -94,6 +96,8 @@ class PriorAdapter(ResidualTemporalModule):
         self.act = nn.GELU() if activation == "gelu" else nn.Identity()
         self.out_proj = nn.Linear(width, dim)
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def num_params(

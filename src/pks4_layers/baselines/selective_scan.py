@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..layers.temporal_scan import ParallelTemporalScan
@@ -87,6 +88,8 @@ class SelectiveScanBlock(ResidualTemporalModule):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         recompute: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(dim)
         inner = dim if inner_dim is None else inner_dim
@@ -109,6 +112,8 @@ class SelectiveScanBlock(ResidualTemporalModule):
             recompute=recompute,
         )
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def output_projection(self) -> nn.Linear:
         return self.scan.out_proj

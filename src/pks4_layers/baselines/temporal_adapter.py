@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -67,6 +68,8 @@ class TemporalAdapter(ResidualTemporalModule):
         kernel_size: int = 3,
         activation: Literal["gelu", "none"] = "gelu",
         bidirectional: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(dim)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -84,6 +87,8 @@ class TemporalAdapter(ResidualTemporalModule):
         self.act = nn.GELU() if activation == "gelu" else nn.Identity()
         self.out_proj = nn.Linear(self.inner_dim, dim)
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def num_params(

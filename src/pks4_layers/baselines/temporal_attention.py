@@ -64,6 +64,8 @@ class TemporalAttention(ResidualTemporalModule):
         num_heads: Optional[int] = None,
         max_frames: int = 64,
         bidirectional: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(dim)
         self.inner_dim = bottleneck_width(dim, inner_dim)
@@ -83,6 +85,8 @@ class TemporalAttention(ResidualTemporalModule):
         self.qkv = nn.Linear(self.inner_dim, 3 * self.inner_dim)
         self.out_proj = nn.Linear(self.inner_dim, dim)
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def num_params(

@@ -68,6 +68,8 @@ class TemporalShift(ResidualTemporalModule):
         inner_dim: Optional[int] = None,
         fold_div: int = 8,
         bidirectional: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(dim)
         if not isinstance(fold_div, int) or fold_div < 2 or dim // fold_div < 1:
@@ -82,6 +84,8 @@ class TemporalShift(ResidualTemporalModule):
         self.act = nn.GELU()
         self.out_proj = nn.Linear(self.inner_dim, dim)
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @staticmethod
     def num_params(dim: int, *, inner_dim: Optional[int] = None, **_: object) -> int:

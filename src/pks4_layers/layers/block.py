@@ -69,6 +69,8 @@ class PKS4Block(nn.Module):
             sharpness and output normalisation (see :class:`KinematicPriorEncoder`); the
             default LayerNorm on the prior gives its routes the same scale whatever the
             backbone's feature scale.
+        device, dtype: where and in which dtype the parameters are created (the factory
+            arguments of timm's and mamba-ssm's modules).
         scan_input: the stream the scan reads: ``"features"`` (the block's normalised
             features, the default) or ``"prior"`` (the kinematic prior itself: a scan that
             sees motion and no content; research setting).
@@ -121,6 +123,8 @@ class PKS4Block(nn.Module):
         recompute: bool = True,
         scan_input: str = "features",
         scan_dropout: float = 0.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         inner = dim if inner_dim is None else inner_dim
@@ -175,6 +179,8 @@ class PKS4Block(nn.Module):
             recompute=recompute,
         )
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.no_grad()
     def reset_output(self) -> None:

@@ -110,6 +110,7 @@ class KinematicPriorEncoder(nn.Module):
         learn_corr_temperature: learn that scale (``False`` keeps it fixed).
         prior_norm: ``"layer"`` puts a LayerNorm on the fused prior (unit scale whatever the
             cues' scales), ``"none"`` leaves it as the fusion MLP gives it.
+        device, dtype: where and in which dtype the parameters are created.
 
     Shapes:
         input ``x``: ``(B, T, L, dim)`` with ``L = H * W`` in row-major order and ``grid = (H, W)``.
@@ -128,6 +129,8 @@ class KinematicPriorEncoder(nn.Module):
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: str = "layer",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if radius < 0:
@@ -195,6 +198,8 @@ class KinematicPriorEncoder(nn.Module):
             nn.Linear(2 * prior_dim, prior_dim),
         )
         self.norm = nn.LayerNorm(prior_dim) if prior_norm == "layer" else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to keep out of weight decay: biases, norms, the match temperature."""

@@ -199,6 +199,7 @@ class ParallelTemporalScan(nn.Module):
         out_dim: channels of the output (default ``dim``).
         recompute: each direction's temporal conv and projections are recomputed in the
             backward instead of kept (same gradients, less memory; see :mod:`.recompute`).
+        device, dtype: where and in which dtype the parameters are created.
 
     Shapes:
         ``x``: ``(B, T, L, dim)``, ``prior``: ``(B, T, L, prior_dim)`` (``None`` without
@@ -224,6 +225,8 @@ class ParallelTemporalScan(nn.Module):
         dt_max: float = 1e-1,
         out_dim: Optional[int] = None,
         recompute: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         targets = (prior_targets,) if isinstance(prior_targets, str) else tuple(prior_targets)
@@ -267,6 +270,8 @@ class ParallelTemporalScan(nn.Module):
         )
         self.out_proj = nn.Linear(self.d_inner, dim if out_dim is None else out_dim)
         self.set_recompute(recompute)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to keep out of weight decay (timm's convention): biases, norms,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -75,9 +76,17 @@ class TemporalIdentity(nn.Module):
     Shapes: ``(B, T, C, H, W)`` or ``(B, T, N, C)`` -> the same tensor.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         self.dim = dim
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def forward(
         self, x: Tensor, grid: Optional[tuple[int, int]] = None, num_prefix_tokens: int = 0
@@ -103,7 +112,14 @@ class TemporalConvBlock(nn.Module):
         ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)``; ``(B, T, N, C)`` -> ``(B, T, N, C)``.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        kernel_size: int = 3,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected a positive odd int, got {kernel_size}")
@@ -113,6 +129,8 @@ class TemporalConvBlock(nn.Module):
         self.act = nn.GELU()
         self.pwconv = nn.Linear(dim, dim)
         self.reset_output()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to keep out of weight decay: biases and norms."""
