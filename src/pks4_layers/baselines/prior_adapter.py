@@ -64,7 +64,7 @@ class PriorAdapter(ResidualTemporalModule):
         cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
-        prior_norm: str = "layer",
+        prior_norm: Literal["layer", "none"] = "layer",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -111,7 +111,7 @@ class PriorAdapter(ResidualTemporalModule):
         diff_dim: int = 32,
         cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         learn_corr_temperature: bool = True,
-        prior_norm: str = "layer",
+        prior_norm: Literal["layer", "none"] = "layer",
         **_: object,
     ) -> int:
         """The parameter count of ``PriorAdapter(dim, ...)``, from the formula (the prior

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.temporal_scan import ParallelTemporalScan
+from ..ops.motion_scan import ScanBackend
 from .residual import ResidualTemporalModule
 
 __all__ = ["SelectiveScanBlock", "scan_num_params"]
@@ -84,7 +85,7 @@ class SelectiveScanBlock(ResidualTemporalModule):
         expand: int = 1,
         d_conv: int = 4,
         bidirectional: bool = True,
-        backend: str = "auto",
+        backend: ScanBackend = "auto",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         recompute: bool = True,

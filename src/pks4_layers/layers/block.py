@@ -6,12 +6,13 @@ Space Scanners for Efficient Video Understanding" (arXiv:2604.26461), built from
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.motion_scan import ScanBackend
 from ._checks import (
     check_grid,
     check_same_device,
@@ -110,18 +111,18 @@ class PKS4Block(nn.Module):
         bidirectional: bool = True,
         corr_dim: Optional[int] = 64,
         diff_dim: int = 32,
-        backend: str = "auto",
+        backend: ScanBackend = "auto",
         inner_dim: Optional[int] = None,
         prior_targets: Sequence[str] = ("selection", "output"),
         cues: Sequence[str] = DEFAULT_PRIOR_CUES,
-        out_init: str = "zero",
+        out_init: Literal["zero", "small"] = "zero",
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
-        prior_norm: str = "layer",
+        prior_norm: Literal["layer", "none"] = "layer",
         recompute: bool = True,
-        scan_input: str = "features",
+        scan_input: Literal["features", "prior"] = "features",
         scan_dropout: float = 0.0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,

@@ -33,7 +33,7 @@ motion cues) between chunks.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,7 @@ class KinematicPriorEncoder(nn.Module):
         cues: Sequence[str] = DEFAULT_PRIOR_CUES,
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
-        prior_norm: str = "layer",
+        prior_norm: Literal["layer", "none"] = "layer",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:

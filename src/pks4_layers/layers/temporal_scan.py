@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import motion_scan
+from ..ops.motion_scan import ScanBackend
 from ._checks import check_same_device, check_same_dtype, check_tokens
 from .recompute import maybe_recompute
 from .stream_state import ScanStreamState, scan_state_dtype
@@ -50,7 +51,7 @@ class DirectionalScan(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
-        backend: str = "auto",
+        backend: ScanBackend = "auto",
         prior_selects: bool = True,
     ) -> None:
         super().__init__()
@@ -219,7 +220,7 @@ class ParallelTemporalScan(nn.Module):
         d_conv: int = 4,
         dt_rank: Union[int, str] = "auto",
         bidirectional: bool = True,
-        backend: str = "auto",
+        backend: ScanBackend = "auto",
         prior_targets: Sequence[str] = ("selection", "output"),
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -122,7 +122,7 @@ class PKS4VideoClassifier(nn.Module):
         drop_rate: float = 0.0,
         block_kwargs: Optional[dict] = None,
         pretrained: bool = False,
-        token_pool: str = "avg",
+        token_pool: Literal["avg", "prefix"] = "avg",
     ) -> None:
         super().__init__()
         # What rebuilds this model (save_pretrained): its arguments and the backbone's name.

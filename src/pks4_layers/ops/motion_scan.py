@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -53,6 +53,8 @@ from .torch_backend import motion_scan_torch
 
 BACKEND_ENV_VAR = "PKS4_BACKEND"
 KNOWN_BACKENDS = ("cpu", "cuda", "mamba", "ref", "torch")
+# The backend names a call may ask for (the type of every ``backend`` argument).
+ScanBackend = Literal["auto", "cpu", "cuda", "mamba", "ref", "torch"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -288,7 +290,7 @@ def motion_scan(
     reverse: bool = False,
     initial_state: Optional[Tensor] = None,
     return_last_state: bool = False,
-    backend: str = "auto",
+    backend: ScanBackend = "auto",
     check_decay: bool = True,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Motion-gated selective scan along time, independently per location and channel.
