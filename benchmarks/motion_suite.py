@@ -196,6 +196,18 @@ VARIANTS: dict[str, Variant] = {
         scan_input="prior",
         cues=("cost", "displacement", "difference", "change", "curl"),
     ),
+    # a prior read from cosine similarities alone (no learnt function of the content)
+    "pks4_motion_only": _pks4(
+        "the scan reads a prior of unreduced cost volume, displacement and change only",
+        scan_input="prior",
+        corr_dim=None,
+        cues=("cost", "displacement", "change"),
+    ),
+    "pks4_no_difference_unreduced": _pks4(
+        "unreduced cost volume, no frame-difference cue (the scan reads the features)",
+        corr_dim=None,
+        cues=("cost", "displacement", "change"),
+    ),
     # output projection, sizes, direction
     "pks4_small_out": _pks4("output projection small random (std 0.02)", out_init="small"),
     "pks4_state4": _pks4("d_state 4", d_state=4),
