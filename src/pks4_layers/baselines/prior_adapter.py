@@ -39,8 +39,9 @@ class PriorAdapter(ResidualTemporalModule):
         dim: channels ``C``.
         inner_dim: bottleneck width ``r`` (default ``dim // 4``, at least 1).
         kernel_size, activation, bidirectional: as in :class:`TemporalAdapter`.
-        prior_dim, radius, corr_dim, diff_dim, cues, corr_temperature, learn_corr_temperature,
-            prior_norm: the prior encoder's, as in :class:`~pks4_layers.PKS4Block`.
+        prior_dim, radius, corr_dim, diff_dim, cues, corr_temperature: the prior encoder's,
+            as in :class:`~pks4_layers.PKS4Block`.
+        learn_corr_temperature, prior_norm: likewise.
 
     Shapes (``forward(x, grid=None, num_prefix_tokens=0)``):
         ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)``; ``(B, T, N, C)`` with ``grid=(H, W)`` ->

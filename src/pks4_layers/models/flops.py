@@ -282,8 +282,10 @@ class FlopCount:
     counted twice. Counts nest: an inner count's scans are in the outer one too. While a count
     is open, the scans and cost volumes of every thread go into it.
 
-    Attributes (all in FLOPs; they grow while the ``with`` body runs, a new ``with`` starts
-    at zero):
+    The counts are in FLOPs; they grow while the ``with`` body runs, and a new ``with`` starts
+    at zero.
+
+    Attributes:
         mode: the FlopCounterMode (its per-op and per-module tables leave the analytic parts
             out).
         scan: the analytic count of the scans.
