@@ -97,3 +97,27 @@ def test_device_and_dtype_arguments_place_every_parameter(cls):
     assert {p.dtype for p in module.parameters()} == {torch.float64}
     meta = cls(16, device="meta", **kwargs)
     assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+def test_a_state_dict_of_an_older_layout_says_what_changed_and_who_wrote_it():
+    import collections
+
+    import torch
+
+    old = PKS4Block(16, prior_dim=8, cues=("cost", "displacement", "difference"))
+    state = old.state_dict()
+    assert state._metadata[""]["version"] == 2  # the layout travels with the state dict
+    # as pks4-layers 0.1.x wrote it: torch's default module version, 1
+    state._metadata = collections.OrderedDict({k: dict(v) for k, v in state._metadata.items()})
+    state._metadata[""]["version"] = 1
+    with pytest.raises(
+        ValueError,
+        match=r"^state_dict: .*pks4-layers 0\.1\.x.*prior\.fuse\.0\.weight \[16, 61\] "
+        r"\(this block: \[16, 90\]\)",
+    ):
+        PKS4Block(16, prior_dim=8).load_state_dict(state)
+    # the same layout-1 weights load into a block built with the arguments they had
+    same = PKS4Block(16, prior_dim=8, cues=("cost", "displacement", "difference"))
+    same.load_state_dict(state)
+    x = torch.randn(1, 3, 16, 2, 2)
+    torch.testing.assert_close(same(x), old(x))

@@ -207,6 +207,35 @@ class PKS4Block(nn.Module):
             f"cues={self.prior.cues}, out_init={self.out_init!r}, backend={scan.backend!r}"
         )
 
+    # The layout of the state dict, stored by torch in its metadata: 1 for every block written
+    # by pks4-layers 0.1.x (whose defaults changed without a version), 2 from 0.2.0.
+    _version = 2
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        version = local_metadata.get("version")
+        differ = [
+            f"{name} {list(state_dict[prefix + name].shape)} (this block: {list(own.shape)})"
+            for name, own in self.state_dict().items()
+            if prefix + name in state_dict and state_dict[prefix + name].shape != own.shape
+        ]
+        if differ:
+            writer = (
+                "pks4-layers 0.1.x, whose defaults changed without a version (the change-of-"
+                "motion cue widened prior.fuse.0.weight from [64, 61] to [64, 90]; build the "
+                "block with the cues and prior_targets it had)"
+                if version is not None and version < 2
+                else f"a block of layout {version} built with other arguments"
+            )
+            raise ValueError(
+                f"state_dict: expected the weights of a block like this one (layout "
+                f"{self._version}), got those of {writer}: {'; '.join(differ[:3])}"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names to keep out of weight decay (timm's convention): biases, norms,
         ``A_log``, ``D`` and the step-size bias (see :mod:`pks4_layers.layers.weight_decay`)."""
