@@ -148,4 +148,5 @@ def test_result_table_script_trains_every_model_and_saves_table(tmp_path):
     assert by_model["mean"]["params_trainable"] < by_model["pks4"]["params_trainable"]
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| temporal |") == 2 and "| pks4 |" in table
+    assert "| final-epoch val top-1 (%) | best-epoch val top-1 (%) |" in table
     assert out.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
