@@ -208,6 +208,11 @@ VARIANTS: dict[str, Variant] = {
         corr_dim=None,
         cues=("cost", "displacement", "change"),
     ),
+    "pks4_no_difference_unreduced_curl": _pks4(
+        "unreduced cost volume, no frame-difference cue, with the curl cue",
+        corr_dim=None,
+        cues=("cost", "displacement", "change", "curl"),
+    ),
     # output projection, sizes, direction
     "pks4_small_out": _pks4("output projection small random (std 0.02)", out_init="small"),
     "pks4_state4": _pks4("d_state 4", d_state=4),
