@@ -121,3 +121,21 @@ def test_a_state_dict_of_an_older_layout_says_what_changed_and_who_wrote_it():
     same.load_state_dict(state)
     x = torch.randn(1, 3, 16, 2, 2)
     torch.testing.assert_close(same(x), old(x))
+
+
+def test_a_state_dict_names_the_library_version_and_the_configuration():
+    import io
+
+    import torch
+
+    from pks4_layers import __version__
+
+    block = PKS4Block(16, prior_dim=8, d_state=4)
+    buffer = io.BytesIO()
+    torch.save(block.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # the metadata survives a save and a load
+    meta = state._metadata[""]
+    assert meta["library_version"] == __version__ and "d_state=4" in meta["config"]
+    with pytest.raises(ValueError, match=rf"written by pks4-layers {__version__} with dim=16"):
+        PKS4Block(16, prior_dim=8, d_state=8).load_state_dict(state)

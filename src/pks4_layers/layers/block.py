@@ -27,6 +27,17 @@ from .temporal_scan import ParallelTemporalScan
 from .weight_decay import no_weight_decay_names
 
 OUTPUT_INITS = ("zero", "small")
+
+
+def _record_layout(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A state dict's metadata names the library version and the block's configuration, so
+    that a state that does not fit says who wrote it and how it was built."""
+    from .. import __version__
+
+    local_metadata["library_version"] = __version__
+    local_metadata["config"] = module.extra_repr()
+
+
 SCAN_INPUTS = ("features", "prior")
 
 
@@ -180,6 +191,8 @@ class PKS4Block(nn.Module):
             recompute=recompute,
         )
         self.reset_output()
+        register = getattr(self, "register_state_dict_post_hook", None)
+        (register or self._register_state_dict_hook)(_record_layout)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -221,12 +234,14 @@ class PKS4Block(nn.Module):
             if prefix + name in state_dict and state_dict[prefix + name].shape != own.shape
         ]
         if differ:
+            written = local_metadata.get("library_version")
             writer = (
                 "pks4-layers 0.1.x, whose defaults changed without a version (the change-of-"
                 "motion cue widened prior.fuse.0.weight from [64, 61] to [64, 90]; build the "
                 "block with the cues and prior_targets it had)"
                 if version is not None and version < 2
-                else f"a block of layout {version} built with other arguments"
+                else f"a block written by pks4-layers {written or '?'} with "
+                f"{local_metadata.get('config', 'other arguments')}"
             )
             raise ValueError(
                 f"state_dict: expected the weights of a block like this one (layout "
