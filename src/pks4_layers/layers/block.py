@@ -51,6 +51,11 @@ class PKS4Block(nn.Module):
     projection starts at zero (``out_init="zero"``), so a freshly inserted block is the
     identity and a pretrained backbone's behaviour is unchanged at step 0.
 
+    User settings: ``dim``, ``inner_dim``, ``d_state``, ``expand``, ``bidirectional``,
+    ``backend``, ``device``, ``dtype``. Every other argument is a research setting (experimental):
+    the ablations of the motion suite use it, its default is what they chose, and it may change
+    in a minor version (with a line in the changelog).
+
     Args:
         dim: channels ``C`` of the features.
         prior_dim: channels of the kinematic prior.
