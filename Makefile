@@ -15,7 +15,7 @@ KERNEL_SOURCES := $(wildcard csrc/motion_scan/*)
 export PKS4_BUILD_EXT := 1
 export MAX_JOBS ?= 2
 
-.PHONY: setup test lint docs bench results suite suite-peers gpu-check lowest-torch clean
+.PHONY: setup test lint docs docs-serve bench results suite suite-peers gpu-check lowest-torch clean
 
 setup: $(STAMP)
 
@@ -47,9 +47,13 @@ test: lint docs
 
 # The documentation site (docs/, Markdown through Sphinx and MyST, the API reference from the
 # docstrings), warnings as errors: a broken link or a docstring that does not render fails it.
-# Open docs/_build/html/index.html, or serve it with `python -m http.server -d docs/_build/html`.
+# Open docs/_build/html/index.html, or `make docs-serve` (http://localhost:8000, DOCS_PORT=...).
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+DOCS_PORT ?= 8000
+docs-serve: docs
+	$(PY) -m http.server $(DOCS_PORT) --bind 127.0.0.1 -d docs/_build/html
 
 bench: $(STAMP)
 	$(PY) benchmarks/scan_speed.py
