@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +100,14 @@ FULL = {
 # ``--peers``: PKS4 against the temporal modules users would insert instead, in all three
 # regimes, on the tasks some model or probe reads (object and background stay at chance for
 # every model and probe of the default suite: they separate nothing).
+# Fine-tuning runs the backbone's backward too (about 140 s a run on 2 cores against 15-50 s):
+# by default it trains the frame average, the two peers users insert most (TSM, temporal
+# attention), the scan without the prior and PKS4; ``--finetune-models all`` runs every model.
 PEER_MATRIX = {
     "regimes": ",".join(REGIMES),
     "tasks": "temporal,subcell,rotation,onset,shuttle,spatial",
     "models": ",".join(("mean", "probe", "probe_local", "tconv", *PEER_KINDS, "pks4")),
+    "finetune_models": "mean,tsm,attention,scan,pks4",
 }
 REFERENCE = "pks4"  # every row's paired comparison is against it
 
@@ -208,6 +212,10 @@ VARIANTS: dict[str, Variant] = {
         corr_dim=None,
         cues=("cost", "displacement", "change"),
     ),
+    "pks4_no_difference_curl": _pks4(
+        "no frame-difference cue, with the curl cue (the learnt reduction kept)",
+        cues=("cost", "displacement", "change", "curl"),
+    ),
     "pks4_no_difference_unreduced_curl": _pks4(
         "unreduced cost volume, no frame-difference cue, with the curl cue",
         corr_dim=None,
@@ -296,6 +304,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=0.1,
         help="finetune regime: the backbone's learning rate over the temporal module's (--lr)",
     )
+    p.add_argument(
+        "--finetune-models",
+        default="all",
+        help="the models of --models that also run in the finetune regime ('all': every one)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument(
         "--block-kwargs",
@@ -341,6 +354,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if bad:
             p.error(f"--{name}: expected names from {', '.join(options)}, got {', '.join(bad)}")
     args.seeds = [int(s) for s in args.seeds]
+    if args.finetune_models == "all":
+        args.finetune_models = list(args.models)
+    else:
+        args.finetune_models = [v for v in args.finetune_models.split(",") if v]
+        bad = [v for v in args.finetune_models if v not in VARIANTS]
+        if bad:
+            p.error(
+                f"--finetune-models: expected 'all' or names from {', '.join(VARIANTS)}, "
+                f"got {', '.join(bad)}"
+            )
     return args
 
 
@@ -1013,9 +1036,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def runs_in(regime: str, model: str) -> bool:
-    """The probes read the frozen features: they have no scratch run."""
-    return not (model in PROBES and regime != "frozen")
+def runs_in(regime: str, model: str, finetune_models: Sequence[str] = ()) -> bool:
+    """The probes read the frozen features: they have no scratch or finetune run; the finetune
+    regime runs ``finetune_models`` only."""
+    if model in PROBES:
+        return regime == "frozen"
+    return regime != "finetune" or model in finetune_models
 
 
 def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -1039,7 +1065,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for seed in args.seeds
         for regime in args.regimes
         for model in args.models
-        if runs_in(regime, model)
+        if runs_in(regime, model, args.finetune_models)
     ]
     if args.shard:
         index, count = (int(v) for v in args.shard.split("/"))

@@ -297,6 +297,25 @@ def test_full_sets_defaults_and_explicit_flags_win() -> None:
     assert motion_suite.frames_of(plain, "onset") == 8
 
 
+def test_finetune_models_limit_the_finetune_regime_only(capsys) -> None:
+    peers = motion_suite.parse_args(["--peers"])
+    assert peers.regimes == ["frozen", "scratch", "finetune"]
+    assert peers.finetune_models == ["mean", "tsm", "attention", "scan", "pks4"]
+    assert motion_suite.parse_args(["--peers", "--finetune-models=all"]).finetune_models == (
+        peers.models
+    )
+    assert motion_suite.parse_args([]).finetune_models == list(motion_suite.DEFAULT_MODELS)
+    kept = peers.finetune_models
+    assert motion_suite.runs_in("finetune", "pks4", kept)
+    assert not motion_suite.runs_in("finetune", "adapter", kept)
+    assert motion_suite.runs_in("scratch", "adapter", kept)
+    assert motion_suite.runs_in("frozen", "probe_local", kept)
+    assert not motion_suite.runs_in("finetune", "probe_local", ["probe_local"])
+    with pytest.raises(SystemExit):
+        motion_suite.parse_args(["--finetune-models=pks4,nope"])
+    assert "--finetune-models" in capsys.readouterr().err
+
+
 def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
     """``--peers``' models in the three regimes: every peer within 10% of PKS4's parameters at
     the regime's width, the order check (exact for the order-blind models), the costs, and a
