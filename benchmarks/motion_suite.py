@@ -71,6 +71,7 @@ from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, 
 # suite_stats lives beside this script (benchmarks/ is not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite_stats
+import suite_targets
 
 REGIMES = ("frozen", "scratch", "finetune")
 DEFAULT_REGIMES = ("frozen", "scratch")
@@ -984,6 +985,10 @@ def report(
     if order.count("\n") > 1:
         table += "\n\nOrder check (validation clips, mean over the temporal tasks and seeds):\n\n"
         table += order
+    targets = suite_targets.check_targets(rows, models)
+    if targets:
+        table += f"\n\nTargets ({split} split; suite_targets.py says what each one asks):\n\n"
+        table += suite_targets.format_targets(targets)
     return rows, models, table
 
 
@@ -1167,6 +1172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "models": models,
                 "runs": runs,
                 "costs": costs,
+                "targets": suite_targets.check_targets(rows, models),
                 "wall_time_s": time.perf_counter() - start,
             },
             indent=1,

@@ -20,6 +20,7 @@ import torch
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(SCRIPTS))
 import motion_suite  # noqa: E402
+import suite_targets  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -134,9 +135,13 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
         2 + len(models)
     ) + 2 * (2 + 2 + 1)
     assert sections[5].startswith("Order check") and sections[6].count("\n") == 1 + len(models)
-    assert sections[7].startswith("Cost of the temporal module")
-    assert sections[8].startswith("Batch 4 clips of 4 frames")
-    assert sections[9].strip().count("\n") == 1 + 2 * 3
+    # the targets: probe (frozen only), peers, prior, accuracy and spatial in each regime
+    assert sections[7].startswith("Targets (test split")
+    assert sections[8].count("\n") == 1 + 5 + 4
+    assert result["targets"] == suite_targets.check_targets(rows, result["models"])
+    assert sections[9].startswith("Cost of the temporal module")
+    assert sections[10].startswith("Batch 4 clips of 4 frames")
+    assert sections[11].strip().count("\n") == 1 + 2 * 3
     costs = result["costs"]
     assert set(costs) == {
         f"{g}/{m}" for g in ("frozen", "scratch") for m in ("mean", "pks4_inner256", "pks4")
