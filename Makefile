@@ -74,7 +74,9 @@ suite: $(STAMP)
 # PKS4 against the temporal modules users would insert instead (frame MLP, TSM, ST-Adapter,
 # temporal attention, the scan without the prior, the prior without the scan, VideoMamba's
 # order), each at PKS4's parameter budget, in three regimes (frozen, from scratch, fine-tuned),
-# on two processes of one thread; with --resume a stopped run goes on where it was.
+# on two processes of one thread; with --resume a stopped run goes on where it was. Frozen and
+# scratch take about 50 minutes on 2 cores; fine-tuning (mean, tsm, attention, scan, pks4 by
+# default; SUITE_ARGS="--finetune-models all" for every peer) about 3.5 hours more.
 suite-peers: $(STAMP)
 	$(PY) benchmarks/motion_suite.py --peers --report-split test --shards 2 --resume \
 		--out benchmarks/results/motion_peers $(SUITE_ARGS)
