@@ -347,24 +347,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         preset = {**(FULL if args.full else {}), **(PEER_MATRIX if args.peers else {})}
         p.set_defaults(**preset)
         args = p.parse_args(argv)
-    for name in ("regimes", "tasks", "models", "seeds"):
+    if args.finetune_models == "all":
+        args.finetune_models = args.models
+    for name in ("regimes", "tasks", "models", "finetune_models", "seeds"):
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
-    allowed = {"regimes": REGIMES, "tasks": tuple(TASKS), "models": tuple(VARIANTS)}
+    allowed = {
+        "regimes": REGIMES,
+        "tasks": tuple(TASKS),
+        "models": tuple(VARIANTS),
+        "finetune_models": tuple(VARIANTS),
+    }
     for name, options in allowed.items():
         bad = [v for v in getattr(args, name) if v not in options]
         if bad:
-            p.error(f"--{name}: expected names from {', '.join(options)}, got {', '.join(bad)}")
+            flag = name.replace("_", "-")
+            p.error(f"--{flag}: expected names from {', '.join(options)}, got {', '.join(bad)}")
     args.seeds = [int(s) for s in args.seeds]
-    if args.finetune_models == "all":
-        args.finetune_models = list(args.models)
-    else:
-        args.finetune_models = [v for v in args.finetune_models.split(",") if v]
-        bad = [v for v in args.finetune_models if v not in VARIANTS]
-        if bad:
-            p.error(
-                f"--finetune-models: expected 'all' or names from {', '.join(VARIANTS)}, "
-                f"got {', '.join(bad)}"
-            )
     return args
 
 
@@ -974,8 +972,9 @@ def format_order_check(runs: list[dict[str, Any]]) -> str:
 
 def report(
     runs: list[dict[str, Any]], split: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """The per-task rows, the per-model rows and the printed tables of ``runs`` on ``split``."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The per-task rows, the per-model rows, the targets and the printed tables of ``runs``
+    on ``split``."""
     rows, models = summarise(runs, split), summarise_models(runs, split)
     table = format_table(rows)
     if models:
@@ -989,7 +988,7 @@ def report(
     if targets:
         table += f"\n\nTargets ({split} split; suite_targets.py says what each one asks):\n\n"
         table += suite_targets.format_targets(targets)
-    return rows, models, table
+    return rows, models, targets, table
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> bool:
@@ -1141,7 +1140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for model in args.models
         if model not in PROBES and not args.shard
     }
-    rows, models, table = report(runs, args.report_split)
+    rows, models, targets, table = report(runs, args.report_split)
     if costs:
         table += "\n\nCost of the temporal module at each regime's width:\n\n"
         table += format_costs(costs)
@@ -1172,7 +1171,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "models": models,
                 "runs": runs,
                 "costs": costs,
-                "targets": suite_targets.check_targets(rows, models),
+                "targets": targets,
                 "wall_time_s": time.perf_counter() - start,
             },
             indent=1,
@@ -1181,7 +1180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     saved = [out.with_suffix(".md"), out.with_suffix(".json")]
     if args.report_split == "test":
         # The validation tables beside the reported ones: what choices are made on.
-        val_table = report(runs, "val")[2]
+        val_table = report(runs, "val")[3]
         out.with_suffix(".val.md").write_text(val_table + "\n")
         saved.append(out.with_suffix(".val.md"))
     if plot(runs, out.with_suffix(".png")):

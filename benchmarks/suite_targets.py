@@ -19,7 +19,7 @@ row's model from PKS4 on the same clips); nothing here is measured or assumed.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 REFERENCE = "pks4"
 PROBE = "probe_local"
@@ -40,12 +40,6 @@ def _diff(d: dict[str, Any]) -> str:
     return f"{_fmt(d['diff'], True)} [{_fmt(d['low'], True)}, {_fmt(d['high'], True)}]"
 
 
-def _status(failures: Sequence[str], checked: int) -> str:
-    if not checked:
-        return "not run"
-    return "met" if not failures else "missed"
-
-
 def check_targets(
     rows: Iterable[dict[str, Any]], models: Iterable[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -60,15 +54,17 @@ def check_targets(
     regimes = list(dict.fromkeys(r["regime"] for r in rows if r["model"] == REFERENCE))
     out: list[dict[str, Any]] = []
 
-    def add(target: str, regime: str, failures: list[str], passes: list[str]) -> None:
-        out.append(
-            {
-                "target": target,
-                "regime": regime,
-                "status": _status(failures, len(failures) + len(passes)),
-                "evidence": "; ".join(failures + passes) or "-",
-            }
-        )
+    def paired(regime: str, task: str, model: str) -> Optional[dict[str, Any]]:
+        row = by_task.get((regime, task, model))
+        return None if row is None else row["vs_reference"]
+
+    def add(target: str, regime: str, judged: list[tuple[str, bool]]) -> None:
+        """``judged``: (evidence, whether it meets the target) for each thing checked."""
+        failures = [text for text, ok in judged if not ok]
+        passes = [text for text, ok in judged if ok]
+        status = "not run" if not judged else "missed" if failures else "met"
+        evidence = "; ".join(failures + passes) or "-"
+        out.append({"target": target, "regime": regime, "status": status, "evidence": evidence})
 
     for regime in regimes:
         tasks = [
@@ -77,57 +73,39 @@ def check_targets(
             if r["regime"] == regime and r["model"] == REFERENCE and r["task"] != SPATIAL
         ]
         if regime == "frozen":
-            failures, passes = [], []
-            for task in tasks:
-                probe = by_task.get((regime, task, PROBE))
-                if probe is None or probe["vs_reference"] is None:
-                    continue
-                d = probe["vs_reference"]
-                text = f"{task}: probe {_diff(d)}"
-                (failures if d["verdict"] == "better" else passes).append(text)
-            add("probe", regime, failures, passes)
+            probes = [(t, paired(regime, t, PROBE)) for t in tasks]
+            judged = [(f"{t}: probe {_diff(d)}", d["verdict"] != "better") for t, d in probes if d]
+            add("probe", regime, judged)
 
-        failures, passes = [], []
-        for m in models:
-            if m["regime"] != regime or m["model"] in (REFERENCE, *NOT_PEERS):
-                continue
-            if m["model"].startswith(REFERENCE + "_") or m["vs_reference"] is None:
-                continue
-            d = m["vs_reference"]
-            text = f"{m['model']} {_diff(d)}"
-            (passes if d["verdict"] == "worse" else failures).append(text)
-        add("peers", regime, failures, passes)
+        peers = [
+            m
+            for m in models
+            if m["regime"] == regime
+            and m["model"] not in (REFERENCE, *NOT_PEERS)
+            and not m["model"].startswith(REFERENCE + "_")
+            and m["vs_reference"] is not None
+        ]
+        judged = [
+            (f"{m['model']} {_diff(m['vs_reference'])}", m["vs_reference"]["verdict"] == "worse")
+            for m in peers
+        ]
+        add("peers", regime, judged)
 
-        failures, passes = [], []
-        for task in tasks:
-            scan = by_task.get((regime, task, NO_PRIOR))
-            if scan is None or scan["vs_reference"] is None:
-                continue
-            d = scan["vs_reference"]
-            text = f"{task}: scan {_diff(d)}"
-            (passes if d["verdict"] == "worse" else failures).append(text)
-        add("prior", regime, failures, passes)
+        scans = [(t, paired(regime, t, NO_PRIOR)) for t in tasks]
+        judged = [(f"{t}: scan {_diff(d)}", d["verdict"] == "worse") for t, d in scans if d]
+        add("prior", regime, judged)
 
         floor, worst_floor = ACCURACY[regime]
-        failures, passes = [], []
+        judged = []
         for task in tasks:
             r = by_task[(regime, task, REFERENCE)]
             text = f"{task} {_fmt(r['mean'])} (worst seed {_fmt(r['min'])})"
-            ok = r["mean"] >= floor and r["min"] >= worst_floor
-            (passes if ok else failures).append(text)
-        add("accuracy", regime, failures, passes)
+            judged.append((text, r["mean"] >= floor and r["min"] >= worst_floor))
+        add("accuracy", regime, judged)
 
-        average = by_task.get((regime, SPATIAL, FRAME_AVERAGE))
-        if average is not None and average["vs_reference"] is not None:
-            d = average["vs_reference"]
-            text = f"frame average {_diff(d)}"
-            worse_than_average = d["verdict"] == "better"
-            add(
-                "spatial",
-                regime,
-                [text] if worse_than_average else [],
-                [] if worse_than_average else [text],
-            )
+        d = paired(regime, SPATIAL, FRAME_AVERAGE)
+        if d is not None:
+            add("spatial", regime, [(f"frame average {_diff(d)}", d["verdict"] != "better")])
     return out
 
 
