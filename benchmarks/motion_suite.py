@@ -116,19 +116,30 @@ REFERENCE = "pks4"  # every row's paired comparison is against it
 @dataclass(frozen=True)
 class Variant:
     """A temporal module to measure: ``temporal`` kind, its constructor arguments, training
-    options (``block_lr_scale``: the temporal module's learning rate over the head's)."""
+    options (``block_lr_scale``: the temporal module's learning rate over the head's) and what
+    the linear head reads (``head_reads``: ``"output"``, the module's output as users run it;
+    ``"contribution"``, the output minus the module's input, so that the backbone's features
+    reach the head only through what the module makes of them: a diagnostic)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
     block_lr_scale: float = 1.0
     note: str = ""
+    head_reads: str = "output"
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.block_kwargs)
 
 
-def _pks4(note: str, block_lr_scale: float = 1.0, **kwargs: Any) -> Variant:
-    return Variant("pks4", tuple(sorted(kwargs.items())), block_lr_scale, note)
+HEAD_READS = ("output", "contribution")
+
+
+def _pks4(
+    note: str, block_lr_scale: float = 1.0, head_reads: str = "output", **kwargs: Any
+) -> Variant:
+    if head_reads not in HEAD_READS:
+        raise ValueError(f"head_reads: expected one of {list(HEAD_READS)}, got {head_reads!r}")
+    return Variant("pks4", tuple(sorted(kwargs.items())), block_lr_scale, note, head_reads)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -204,6 +215,18 @@ VARIANTS: dict[str, Variant] = {
     # a prior read from cosine similarities alone (no learnt function of the content)
     "pks4_motion_only": _pks4(
         "the scan reads a prior of unreduced cost volume, displacement and change only",
+        scan_input="prior",
+        corr_dim=None,
+        cues=("cost", "displacement", "change"),
+    ),
+    # where the content shortcut is: the head without the backbone's features
+    "pks4_contribution": _pks4(
+        "the head reads the block's contribution only (output minus input)",
+        head_reads="contribution",
+    ),
+    "pks4_motion_only_contribution": _pks4(
+        "no content anywhere: the motion-only prior, the head reads the contribution only",
+        head_reads="contribution",
         scan_input="prior",
         corr_dim=None,
         cues=("cost", "displacement", "change"),
@@ -581,10 +604,12 @@ def train_one(
     grid = tuple(data["train"][0].shape[-2:])
 
     def logits(x: Tensor) -> Tensor:
-        if regime == "frozen":  # x: the cached features
-            feats = model.forward_temporal(Features("map", x, grid))
-            return model.forward_head(model.pool(feats))
-        return model(x)
+        # frozen: x holds the cached features; otherwise the clips, through the backbone.
+        feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
+        out = model.forward_temporal(feats)
+        if variant.head_reads == "contribution":
+            out = out.replace(out.x - feats.x)
+        return model.forward_head(model.pool(out))
 
     lr = args.scratch_lr if regime == "scratch" else args.lr
     backbone_scale = args.finetune_backbone_lr_scale if regime == "finetune" else 1.0
@@ -1159,6 +1184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "temporal": VARIANTS[m].temporal,
             **VARIANTS[m].kwargs(),
             "block_lr_scale": VARIANTS[m].block_lr_scale,
+            "head_reads": VARIANTS[m].head_reads,
             "note": VARIANTS[m].note,
         }
         for m in args.models

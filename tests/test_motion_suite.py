@@ -237,6 +237,41 @@ def test_every_variant_builds_a_block() -> None:
         assert model(x).shape == (1, 2), name
 
 
+def test_a_contribution_head_reads_what_the_block_adds_only(tmp_path: Path) -> None:
+    """``head_reads="contribution"``: at creation the block is the identity, so the head sees
+    zeros whatever the clip; the ordinary head sees the features. The suite's training loop
+    runs it."""
+    args = motion_suite.parse_args(
+        ["--scratch-width=8", "--frames=3", "--epochs=2", "--no-progress"]
+    )
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    x = torch.randn(4, 3, 3, 32, 32)
+    for name, varies in (("pks4", True), ("pks4_contribution", False)):
+        variant = motion_suite.VARIANTS[name]
+        torch.manual_seed(0)
+        model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
+        feats = model.forward_features(x)
+        out = model.forward_temporal(feats)
+        if variant.head_reads == "contribution":
+            out = out.replace(out.x - feats.x)
+        logits = model.forward_head(model.pool(out))
+        assert (logits.std(0).max() > 1e-4) == varies, name
+    with pytest.raises(ValueError, match="head_reads"):
+        motion_suite._pks4("typo", head_reads="features")
+    data = {s: (torch.randn(8, 3, 3, 32, 32), torch.arange(8) % 2) for s in ("train", "val")}
+    run = motion_suite.train_one(
+        args,
+        "scratch",
+        motion_suite.VARIANTS["pks4_contribution"],
+        data,
+        2,
+        lambda: motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8),
+        0,
+        "t",
+    )
+    assert len(run["history"]) == 2 and run["params_temporal"] > 0
+
+
 def test_probe_reads_motion_from_the_cost_volume() -> None:
     """Features that move left or right by one cell: the probe separates them; the same
     features in a random order per clip leave it near chance."""
