@@ -575,6 +575,19 @@ def cost_volume_probe(
     }
 
 
+def head_logits(
+    model: PKS4VideoClassifier, variant: Variant, regime: str, x: Tensor, grid: tuple[int, int]
+) -> Tensor:
+    """The classifier's logits as the suite trains it: ``x`` holds the cached features of the
+    ``frozen`` regime (on a ``grid`` map), the clips otherwise; the head reads the temporal
+    module's output or, with ``variant.head_reads == "contribution"``, that minus its input."""
+    feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
+    out = model.forward_temporal(feats)
+    if variant.head_reads == "contribution":
+        out = out.replace(out.x - feats.x)
+    return model.forward_head(model.pool(out))
+
+
 def train_one(
     args: argparse.Namespace,
     regime: str,
@@ -604,12 +617,7 @@ def train_one(
     grid = tuple(data["train"][0].shape[-2:])
 
     def logits(x: Tensor) -> Tensor:
-        # frozen: x holds the cached features; otherwise the clips, through the backbone.
-        feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
-        out = model.forward_temporal(feats)
-        if variant.head_reads == "contribution":
-            out = out.replace(out.x - feats.x)
-        return model.forward_head(model.pool(out))
+        return head_logits(model, variant, regime, x, grid)
 
     lr = args.scratch_lr if regime == "scratch" else args.lr
     backbone_scale = args.finetune_backbone_lr_scale if regime == "finetune" else 1.0

@@ -237,7 +237,7 @@ def test_every_variant_builds_a_block() -> None:
         assert model(x).shape == (1, 2), name
 
 
-def test_a_contribution_head_reads_what_the_block_adds_only(tmp_path: Path) -> None:
+def test_a_contribution_head_reads_what_the_block_adds_only() -> None:
     """``head_reads="contribution"``: at creation the block is the identity, so the head sees
     zeros whatever the clip; the ordinary head sees the features. The suite's training loop
     runs it."""
@@ -250,11 +250,7 @@ def test_a_contribution_head_reads_what_the_block_adds_only(tmp_path: Path) -> N
         variant = motion_suite.VARIANTS[name]
         torch.manual_seed(0)
         model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
-        feats = model.forward_features(x)
-        out = model.forward_temporal(feats)
-        if variant.head_reads == "contribution":
-            out = out.replace(out.x - feats.x)
-        logits = model.forward_head(model.pool(out))
+        logits = motion_suite.head_logits(model, variant, "scratch", x, (2, 2))
         assert (logits.std(0).max() > 1e-4) == varies, name
     with pytest.raises(ValueError, match="head_reads"):
         motion_suite._pks4("typo", head_reads="features")
