@@ -145,12 +145,14 @@ _SCRIPT = textwrap.dedent(
     from pks4_layers.train import parse_args
     from pks4_layers.train.checkpoint import check_model_state, load_checkpoint, save_checkpoint
 
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "run.yaml").write_text("epochs: 2\\nlr: 0.01\\n")
-    cfg, _ = parse_args(["--config", str(tmp / "run.yaml")])
-    save_checkpoint(tmp / "ck.pt", {"model": model.state_dict(), "config": dataclasses.asdict(cfg)})
-    state = load_checkpoint(tmp / "ck.pt")
-    check_model_state(model, state["model"], "ck.pt")
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        (tmp / "run.yaml").write_text("epochs: 2\\nlr: 0.01\\n")
+        cfg, _ = parse_args(["--config", str(tmp / "run.yaml")])
+        state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg)}
+        save_checkpoint(tmp / "ck.pt", state)
+        state = load_checkpoint(tmp / "ck.pt")
+        check_model_state(model, state["model"], "ck.pt")
     done.append("config + checkpoint round trip")
 
     seen = list(attempts)
