@@ -76,10 +76,12 @@ suite: $(STAMP)
 # order), each at PKS4's parameter budget, in three regimes (frozen, from scratch, fine-tuned),
 # on two processes of one thread; with --resume a stopped run goes on where it was. Frozen and
 # scratch take about 50 minutes on 2 cores; fine-tuning (mean, tsm, attention, scan, pks4 by
-# default; SUITE_ARGS="--finetune-models all" for every peer) about 3.5 hours more.
+# default; SUITE_ARGS="--finetune-models all" for every peer) about 3.5 hours more. Every
+# finished run is kept in benchmarks/records/ (tracked: the records behind the README's tables),
+# so that a stopped run goes on from there, on any machine, and the report is rebuilt from them.
 suite-peers: $(STAMP)
 	$(PY) benchmarks/motion_suite.py --peers --report-split test --shards 2 --resume \
-		--out benchmarks/results/motion_peers $(SUITE_ARGS)
+		--out benchmarks/records/motion_peers $(SUITE_ARGS)
 
 # The device check on a machine with a GPU (benchmarks/gpu_check.py): the CUDA tests,
 # compute-sanitizer, the speed and memory benchmarks, in about 8 minutes. It runs with the
