@@ -119,7 +119,10 @@ class Variant:
     options (``block_lr_scale``: the temporal module's learning rate over the head's) and what
     the linear head reads (``head_reads``: ``"output"``, the module's output as users run it;
     ``"contribution"``, the output minus the module's input, so that the backbone's features
-    reach the head only through what the module makes of them: a diagnostic)."""
+    reach the head only through what the module makes of them: a diagnostic;
+    ``"content_drop"``, the output, except that in training the module's input is left out of
+    what the head reads for a random ``CONTENT_DROP`` of the clips, so that the label must be
+    read from what the module adds there: a regulariser against the content shortcut)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -131,7 +134,10 @@ class Variant:
         return dict(self.block_kwargs)
 
 
-HEAD_READS = ("output", "contribution")
+HEAD_READS = ("output", "contribution", "content_drop")
+# The share of training clips whose head input is the module's contribution alone (no rescaling
+# of the rest: at evaluation the head reads the output, as users run it).
+CONTENT_DROP = 0.5
 
 
 def _pks4(
@@ -227,6 +233,33 @@ VARIANTS: dict[str, Variant] = {
     "pks4_motion_only_contribution": _pks4(
         "no content anywhere: the motion-only prior, the head reads the contribution only",
         head_reads="contribution",
+        scan_input="prior",
+        corr_dim=None,
+        cues=("cost", "displacement", "change"),
+    ),
+    "pks4_motion_only_contribution_curl": _pks4(
+        "no content anywhere, with the curl cue: the head reads the contribution only",
+        head_reads="contribution",
+        scan_input="prior",
+        corr_dim=None,
+        cues=("cost", "displacement", "change", "curl"),
+    ),
+    "pks4_motion_only_contribution_lr_x3": _pks4(
+        "no content anywhere, block learning rate x3: the head reads the contribution only",
+        block_lr_scale=3.0,
+        head_reads="contribution",
+        scan_input="prior",
+        corr_dim=None,
+        cues=("cost", "displacement", "change"),
+    ),
+    "pks4_content_drop": _pks4(
+        "in training, the head reads the contribution only for half of the clips",
+        head_reads="content_drop",
+    ),
+    "pks4_motion_only_content_drop": _pks4(
+        "the motion-only prior; in training, the head reads the contribution only for half of "
+        "the clips",
+        head_reads="content_drop",
         scan_input="prior",
         corr_dim=None,
         cues=("cost", "displacement", "change"),
@@ -580,11 +613,17 @@ def head_logits(
 ) -> Tensor:
     """The classifier's logits as the suite trains it: ``x`` holds the cached features of the
     ``frozen`` regime (on a ``grid`` map), the clips otherwise; the head reads the temporal
-    module's output or, with ``variant.head_reads == "contribution"``, that minus its input."""
+    module's output or, with ``variant.head_reads == "contribution"``, that minus its input;
+    with ``"content_drop"`` and the model in training, that minus its input for a random
+    ``CONTENT_DROP`` of the clips (the output for the others)."""
     feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
     out = model.forward_temporal(feats)
     if variant.head_reads == "contribution":
         out = out.replace(out.x - feats.x)
+    elif variant.head_reads == "content_drop" and model.training:
+        shape = (x.shape[0],) + (1,) * (feats.x.dim() - 1)
+        dropped = torch.rand(shape, device=x.device) < CONTENT_DROP
+        out = out.replace(out.x - feats.x * dropped.to(feats.x.dtype))
     return model.forward_head(model.pool(out))
 
 

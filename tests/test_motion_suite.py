@@ -268,6 +268,44 @@ def test_a_contribution_head_reads_what_the_block_adds_only() -> None:
     assert len(run["history"]) == 2 and run["params_temporal"] > 0
 
 
+def test_content_drop_leaves_the_features_out_of_the_head_in_training_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``head_reads="content_drop"``: in evaluation the head reads the output as users run it;
+    in training, the contribution alone for the dropped clips (all at ``CONTENT_DROP = 1``, none
+    at 0), the output for the others; a mix at 0.5, clip by clip."""
+    args = motion_suite.parse_args(["--scratch-width=8", "--frames=3"])
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    x = torch.randn(16, 3, 3, 32, 32)
+    variant = motion_suite.VARIANTS["pks4_content_drop"]
+    torch.manual_seed(0)
+    model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
+    with torch.no_grad():  # a block that is no longer the identity: contribution != 0
+        model.temporal.scan.out_proj.weight.normal_()
+    model.train()  # BatchNorm: the features differ between modes, so compare within a mode
+
+    def read(name: str) -> torch.Tensor:
+        with torch.no_grad():
+            return motion_suite.head_logits(
+                model, motion_suite.VARIANTS[name], "scratch", x, (2, 2)
+            )
+
+    output, contribution = read("pks4"), read("pks4_contribution")
+    assert not torch.allclose(output, contribution)
+    monkeypatch.setattr(motion_suite, "CONTENT_DROP", 1.0)
+    torch.testing.assert_close(read("pks4_content_drop"), contribution)
+    monkeypatch.setattr(motion_suite, "CONTENT_DROP", 0.0)
+    torch.testing.assert_close(read("pks4_content_drop"), output)
+    monkeypatch.setattr(motion_suite, "CONTENT_DROP", 0.5)
+    mixed = read("pks4_content_drop")
+    as_output = torch.isclose(mixed, output).all(-1)
+    as_contribution = torch.isclose(mixed, contribution).all(-1)
+    assert bool((as_output | as_contribution).all()), "each clip reads one or the other"
+    assert 0 < int(as_contribution.sum()) < len(x)
+    model.eval()
+    torch.testing.assert_close(read("pks4_content_drop"), read("pks4"))
+
+
 def test_probe_reads_motion_from_the_cost_volume() -> None:
     """Features that move left or right by one cell: the probe separates them; the same
     features in a random order per clip leave it near chance."""
