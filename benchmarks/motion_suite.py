@@ -1202,7 +1202,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         }
                     )
                     # Every finished run on disk at once: a long sweep cut short keeps them.
-                    partial.write_text(json.dumps({"config": vars(args), "runs": runs}))
+                    # Written aside, then renamed: a reader (or a commit) never sees half a file.
+                    aside = partial.with_name(partial.name + ".tmp")
+                    aside.write_text(json.dumps({"config": vars(args), "runs": runs}))
+                    aside.replace(partial)
     order = {p: i for i, p in enumerate(plan)}
     runs.sort(key=lambda r: order[_key(r)])
     # Measured once, by the process that reports (not by shards running side by side).
