@@ -65,6 +65,7 @@ from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
 from pks4_layers.models import PKS4VideoClassifier, create_temporal
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
+from pks4_layers.models.classifier import ClassifierHead
 from pks4_layers.models.flops import count_flops
 from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, temporal_num_params
 
@@ -122,7 +123,10 @@ class Variant:
     reach the head only through what the module makes of them: a diagnostic;
     ``"content_drop"``, the output, except that in training the module's input is left out of
     what the head reads for a random ``CONTENT_DROP`` of the clips, so that the label must be
-    read from what the module adds there: a regulariser against the content shortcut)."""
+    read from what the module adds there: a regulariser against the content shortcut;
+    ``"two_stream"``, the module's input and its contribution pooled and layer-normalised
+    apart, side by side (a head twice as wide): what the module adds reaches the head at the
+    scale of the features, however small it is next to them)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -134,7 +138,7 @@ class Variant:
         return dict(self.block_kwargs)
 
 
-HEAD_READS = ("output", "contribution", "content_drop")
+HEAD_READS = ("output", "contribution", "content_drop", "two_stream")
 # The share of training clips whose head input is the module's contribution alone (no rescaling
 # of the rest: at evaluation the head reads the output, as users run it).
 CONTENT_DROP = 0.5
@@ -260,6 +264,17 @@ VARIANTS: dict[str, Variant] = {
         "the motion-only prior; in training, the head reads the contribution only for half of "
         "the clips",
         head_reads="content_drop",
+        scan_input="prior",
+        corr_dim=None,
+        cues=("cost", "displacement", "change"),
+    ),
+    "pks4_two_stream": _pks4(
+        "the head reads the features and the contribution, normalised apart",
+        head_reads="two_stream",
+    ),
+    "pks4_motion_only_two_stream": _pks4(
+        "the motion-only prior; the head reads the features and the contribution, normalised apart",
+        head_reads="two_stream",
         scan_input="prior",
         corr_dim=None,
         cues=("cost", "displacement", "change"),
@@ -483,8 +498,9 @@ def build_model(
     backbone: FrameBackbone,
     num_frames: Optional[int] = None,
 ) -> PKS4VideoClassifier:
-    """The classifier of one run; ``num_frames`` defaults to ``--frames``."""
-    return PKS4VideoClassifier(
+    """The classifier of one run; ``num_frames`` defaults to ``--frames``; a ``two_stream``
+    head reads twice the backbone's width."""
+    model = PKS4VideoClassifier(
         backbone,
         num_classes=classes,
         num_frames=args.frames if num_frames is None else num_frames,
@@ -492,6 +508,9 @@ def build_model(
         freeze_backbone=regime == "frozen",
         block_kwargs=module_kwargs(args, variant, backbone.num_features),
     )
+    if variant.head_reads == "two_stream":
+        model.head = ClassifierHead(2 * backbone.num_features, classes)
+    return model
 
 
 def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dict[str, Any]:
@@ -624,6 +643,10 @@ def head_logits(
         shape = (x.shape[0],) + (1,) * (feats.x.dim() - 1)
         dropped = torch.rand(shape, device=x.device) < CONTENT_DROP
         out = out.replace(out.x - feats.x * dropped.to(feats.x.dtype))
+    elif variant.head_reads == "two_stream":
+        streams = (model.pool(feats), model.pool(out.replace(out.x - feats.x)))
+        pooled = torch.cat([F.layer_norm(v, v.shape[-1:]) for v in streams], dim=-1)
+        return model.forward_head(pooled)
     return model.forward_head(model.pool(out))
 
 

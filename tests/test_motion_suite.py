@@ -234,7 +234,7 @@ def test_every_variant_builds_a_block() -> None:
             continue
         torch.manual_seed(0)
         model = motion_suite.build_model(args, "scratch", variant, 2, backbone)
-        assert model(x).shape == (1, 2), name
+        assert motion_suite.head_logits(model, variant, "scratch", x, (2, 2)).shape == (1, 2), name
 
 
 def test_a_contribution_head_reads_what_the_block_adds_only() -> None:
@@ -304,6 +304,33 @@ def test_content_drop_leaves_the_features_out_of_the_head_in_training_only(
     assert 0 < int(as_contribution.sum()) < len(x)
     model.eval()
     torch.testing.assert_close(read("pks4_content_drop"), read("pks4"))
+
+
+def test_a_two_stream_head_reads_features_and_contribution_normalised_apart() -> None:
+    """``head_reads="two_stream"``: a head over ``2 C``; at creation its second half is zero (the
+    block adds nothing); then what the block adds reaches it at the same scale whether it is
+    large or ten times smaller (normalised apart from the features, which it leaves as they
+    were)."""
+    args = motion_suite.parse_args(["--scratch-width=8", "--frames=3"])
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    variant = motion_suite.VARIANTS["pks4_two_stream"]
+    torch.manual_seed(0)
+    model = motion_suite.build_model(args, "scratch", variant, 2, backbone).eval()
+    assert model.head.fc.in_features == 16
+    seen = []
+    model.head.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    x = torch.randn(4, 3, 3, 32, 32)
+    weight = model.temporal.scan.out_proj.weight
+    with torch.no_grad():
+        motion_suite.head_logits(model, variant, "scratch", x, (2, 2))
+        assert seen[-1][:, 8:].abs().max() == 0 and seen[-1][:, :8].abs().max() > 0
+        for scale in (1.0, 0.1):
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+            weight.mul_(scale)
+            motion_suite.head_logits(model, variant, "scratch", x, (2, 2))
+    torch.testing.assert_close(seen[-1], seen[-2], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(seen[-1][:, :8], seen[0][:, :8])
+    assert seen[-1][:, 8:].abs().max() > 0.1
 
 
 def test_probe_reads_motion_from_the_cost_volume() -> None:
