@@ -152,6 +152,14 @@ def _pks4(
     return Variant("pks4", tuple(sorted(kwargs.items())), block_lr_scale, note, head_reads)
 
 
+# The scan reads a prior of cosine similarities alone (unreduced cost volume, its displacement
+# and their change): no learnt function of the content reaches it.
+MOTION_ONLY: dict[str, Any] = {
+    "scan_input": "prior",
+    "corr_dim": None,
+    "cues": ("cost", "displacement", "change"),
+}
+
 VARIANTS: dict[str, Variant] = {
     "mean": Variant("mean", note="frame average (order-free)"),
     "probe": Variant(
@@ -225,9 +233,7 @@ VARIANTS: dict[str, Variant] = {
     # a prior read from cosine similarities alone (no learnt function of the content)
     "pks4_motion_only": _pks4(
         "the scan reads a prior of unreduced cost volume, displacement and change only",
-        scan_input="prior",
-        corr_dim=None,
-        cues=("cost", "displacement", "change"),
+        **MOTION_ONLY,
     ),
     # where the content shortcut is: the head without the backbone's features
     "pks4_contribution": _pks4(
@@ -237,24 +243,18 @@ VARIANTS: dict[str, Variant] = {
     "pks4_motion_only_contribution": _pks4(
         "no content anywhere: the motion-only prior, the head reads the contribution only",
         head_reads="contribution",
-        scan_input="prior",
-        corr_dim=None,
-        cues=("cost", "displacement", "change"),
+        **MOTION_ONLY,
     ),
     "pks4_motion_only_contribution_curl": _pks4(
         "no content anywhere, with the curl cue: the head reads the contribution only",
         head_reads="contribution",
-        scan_input="prior",
-        corr_dim=None,
-        cues=("cost", "displacement", "change", "curl"),
+        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
     ),
     "pks4_motion_only_contribution_lr_x3": _pks4(
         "no content anywhere, block learning rate x3: the head reads the contribution only",
         block_lr_scale=3.0,
         head_reads="contribution",
-        scan_input="prior",
-        corr_dim=None,
-        cues=("cost", "displacement", "change"),
+        **MOTION_ONLY,
     ),
     "pks4_content_drop": _pks4(
         "in training, the head reads the contribution only for half of the clips",
@@ -264,9 +264,7 @@ VARIANTS: dict[str, Variant] = {
         "the motion-only prior; in training, the head reads the contribution only for half of "
         "the clips",
         head_reads="content_drop",
-        scan_input="prior",
-        corr_dim=None,
-        cues=("cost", "displacement", "change"),
+        **MOTION_ONLY,
     ),
     "pks4_two_stream": _pks4(
         "the head reads the features and the contribution, normalised apart",
@@ -275,9 +273,7 @@ VARIANTS: dict[str, Variant] = {
     "pks4_motion_only_two_stream": _pks4(
         "the motion-only prior; the head reads the features and the contribution, normalised apart",
         head_reads="two_stream",
-        scan_input="prior",
-        corr_dim=None,
-        cues=("cost", "displacement", "change"),
+        **MOTION_ONLY,
     ),
     "pks4_no_difference_unreduced": _pks4(
         "unreduced cost volume, no frame-difference cue (the scan reads the features)",
