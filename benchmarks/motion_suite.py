@@ -126,7 +126,9 @@ class Variant:
     read from what the module adds there: a regulariser against the content shortcut;
     ``"two_stream"``, the module's input and its contribution pooled and layer-normalised
     apart, side by side (a head twice as wide): what the module adds reaches the head at the
-    scale of the features, however small it is next to them)."""
+    scale of the features, however small it is next to them; ``"two_heads"``, two linear
+    heads, one on the module's input and one on its contribution, each trained on its own loss
+    (so the content cannot stand in for the motion), their log-probabilities summed)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -138,7 +140,7 @@ class Variant:
         return dict(self.block_kwargs)
 
 
-HEAD_READS = ("output", "contribution", "content_drop", "two_stream")
+HEAD_READS = ("output", "contribution", "content_drop", "two_stream", "two_heads")
 # The share of training clips whose head input is the module's contribution alone (no rescaling
 # of the rest: at evaluation the head reads the output, as users run it).
 CONTENT_DROP = 0.5
@@ -273,6 +275,11 @@ VARIANTS: dict[str, Variant] = {
     "pks4_motion_only_two_stream": _pks4(
         "the motion-only prior; the head reads the features and the contribution, normalised apart",
         head_reads="two_stream",
+        **MOTION_ONLY,
+    ),
+    "pks4_motion_only_two_heads": _pks4(
+        "the motion-only prior; a content head and a motion head, each on its own loss",
+        head_reads="two_heads",
         **MOTION_ONLY,
     ),
     "pks4_no_difference_unreduced": _pks4(
@@ -506,6 +513,8 @@ def build_model(
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
+    if variant.head_reads == "two_heads":
+        model.motion_head = ClassifierHead(backbone.num_features, classes)
     return model
 
 
@@ -643,7 +652,34 @@ def head_logits(
         streams = (model.pool(feats), model.pool(out.replace(out.x - feats.x)))
         pooled = torch.cat([F.layer_norm(v, v.shape[-1:]) for v in streams], dim=-1)
         return model.forward_head(pooled)
+    elif variant.head_reads == "two_heads":
+        content, motion = _two_heads(model, feats, out)
+        return F.log_softmax(content, -1) + F.log_softmax(motion, -1)
     return model.forward_head(model.pool(out))
+
+
+def _two_heads(model: PKS4VideoClassifier, feats: Features, out: Features) -> tuple[Tensor, Tensor]:
+    """The logits of the content head (on the module's input) and of the motion head (on its
+    contribution)."""
+    contribution = out.replace(out.x - feats.x)
+    return model.forward_head(model.pool(feats)), model.motion_head(model.pool(contribution))
+
+
+def head_loss(
+    model: PKS4VideoClassifier,
+    variant: Variant,
+    regime: str,
+    x: Tensor,
+    y: Tensor,
+    grid: tuple[int, int],
+) -> Tensor:
+    """The training loss: cross-entropy of :func:`head_logits`; with ``"two_heads"``, the sum of
+    each head's own cross-entropy."""
+    if variant.head_reads != "two_heads":
+        return F.cross_entropy(head_logits(model, variant, regime, x, grid), y)
+    feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
+    content, motion = _two_heads(model, feats, model.forward_temporal(feats))
+    return F.cross_entropy(content, y) + F.cross_entropy(motion, y)
 
 
 def train_one(
@@ -702,7 +738,7 @@ def train_one(
         losses = []
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i : i + args.batch_size]
-            loss = F.cross_entropy(logits(x_train[idx]), y_train[idx])
+            loss = head_loss(model, variant, regime, x_train[idx], y_train[idx], grid)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(SCRIPTS))
@@ -331,6 +332,41 @@ def test_a_two_stream_head_reads_features_and_contribution_normalised_apart() ->
     torch.testing.assert_close(seen[-1], seen[-2], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(seen[-1][:, :8], seen[0][:, :8])
     assert seen[-1][:, 8:].abs().max() > 0.1
+
+
+def test_two_heads_train_the_block_on_the_motion_loss_alone() -> None:
+    """``head_reads="two_heads"``: the content head reads the block's input, the motion head its
+    contribution; the training loss is the sum of the two cross-entropies, so the block's
+    gradient is that of the motion head's loss alone and the content head's that of its own;
+    the logits are the sum of the two heads' log-probabilities."""
+    args = motion_suite.parse_args(["--scratch-width=8", "--frames=3"])
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    variant = motion_suite.VARIANTS["pks4_motion_only_two_heads"]
+    torch.manual_seed(0)
+    model = motion_suite.build_model(args, "frozen", variant, 3, backbone)
+    with torch.no_grad():
+        model.temporal.scan.out_proj.weight.normal_()
+    x, y = torch.randn(4, 3, 8, 2, 2), torch.tensor([0, 1, 2, 0])
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    both = grads(motion_suite.head_loss(model, variant, "frozen", x, y, (2, 2)))
+    feats = motion_suite.Features("map", x, (2, 2))
+    content, motion = motion_suite._two_heads(model, feats, model.forward_temporal(feats))
+    from_motion = grads(F.cross_entropy(motion, y))
+    content, motion = motion_suite._two_heads(model, feats, model.forward_temporal(feats))
+    from_content = grads(F.cross_entropy(content, y))
+    assert set(from_content) == {n for n in both if n.startswith("head.")}
+    assert set(from_motion) == {n for n in both if not n.startswith("head.")}
+    assert any(n.startswith("temporal.") for n in from_motion)
+    for name, grad in both.items():
+        torch.testing.assert_close(grad, {**from_motion, **from_content}[name], msg=name)
+    with torch.no_grad():
+        logits = motion_suite.head_logits(model, variant, "frozen", x, (2, 2))
+        torch.testing.assert_close(logits, F.log_softmax(content, -1) + F.log_softmax(motion, -1))
 
 
 def test_probe_reads_motion_from_the_cost_volume() -> None:
