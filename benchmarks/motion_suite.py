@@ -126,9 +126,10 @@ class Variant:
     read from what the module adds there: a regulariser against the content shortcut;
     ``"two_stream"``, the module's input and its contribution pooled and layer-normalised
     apart, side by side (a head twice as wide): what the module adds reaches the head at the
-    scale of the features, however small it is next to them; ``"two_heads"``, two linear
-    heads, one on the module's input and one on its contribution, each trained on its own loss
-    (so the content cannot stand in for the motion), their log-probabilities summed)."""
+    scale of the features, however much smaller it is (down to LayerNorm's eps);
+    ``"two_heads"``, two linear heads, one on the module's input and one on its contribution,
+    each trained on its own loss (so the content cannot stand in for the motion), their
+    log-probabilities summed)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -632,24 +633,36 @@ def cost_volume_probe(
     }
 
 
+def _forward(
+    model: PKS4VideoClassifier, regime: str, x: Tensor, grid: tuple[int, int]
+) -> tuple[Features, Features]:
+    """The temporal module's input and output: ``x`` holds the cached features of the
+    ``frozen`` regime (on a ``grid`` map), the clips otherwise."""
+    feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
+    return feats, model.forward_temporal(feats)
+
+
+def _contribution(feats: Features, out: Features) -> Features:
+    """What the temporal module adds to its input (its output minus the input)."""
+    return out.replace(out.x - feats.x)
+
+
 def head_logits(
     model: PKS4VideoClassifier, variant: Variant, regime: str, x: Tensor, grid: tuple[int, int]
 ) -> Tensor:
-    """The classifier's logits as the suite trains it: ``x`` holds the cached features of the
-    ``frozen`` regime (on a ``grid`` map), the clips otherwise; the head reads the temporal
-    module's output or, with ``variant.head_reads == "contribution"``, that minus its input;
-    with ``"content_drop"`` and the model in training, that minus its input for a random
-    ``CONTENT_DROP`` of the clips (the output for the others)."""
-    feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
-    out = model.forward_temporal(feats)
+    """The classifier's logits as the suite trains and evaluates it (``x`` as in
+    :func:`_forward`), the head reading what ``variant.head_reads`` says (see
+    :class:`Variant`); ``"content_drop"`` leaves the input out for a random ``CONTENT_DROP``
+    of the clips in training only."""
+    feats, out = _forward(model, regime, x, grid)
     if variant.head_reads == "contribution":
-        out = out.replace(out.x - feats.x)
+        out = _contribution(feats, out)
     elif variant.head_reads == "content_drop" and model.training:
         shape = (x.shape[0],) + (1,) * (feats.x.dim() - 1)
         dropped = torch.rand(shape, device=x.device) < CONTENT_DROP
         out = out.replace(out.x - feats.x * dropped.to(feats.x.dtype))
     elif variant.head_reads == "two_stream":
-        streams = (model.pool(feats), model.pool(out.replace(out.x - feats.x)))
+        streams = (model.pool(feats), model.pool(_contribution(feats, out)))
         pooled = torch.cat([F.layer_norm(v, v.shape[-1:]) for v in streams], dim=-1)
         return model.forward_head(pooled)
     elif variant.head_reads == "two_heads":
@@ -661,8 +674,8 @@ def head_logits(
 def _two_heads(model: PKS4VideoClassifier, feats: Features, out: Features) -> tuple[Tensor, Tensor]:
     """The logits of the content head (on the module's input) and of the motion head (on its
     contribution)."""
-    contribution = out.replace(out.x - feats.x)
-    return model.forward_head(model.pool(feats)), model.motion_head(model.pool(contribution))
+    motion = model.motion_head(model.pool(_contribution(feats, out)))
+    return model.forward_head(model.pool(feats)), motion
 
 
 def head_loss(
@@ -677,8 +690,7 @@ def head_loss(
     each head's own cross-entropy."""
     if variant.head_reads != "two_heads":
         return F.cross_entropy(head_logits(model, variant, regime, x, grid), y)
-    feats = Features("map", x, grid) if regime == "frozen" else model.forward_features(x)
-    content, motion = _two_heads(model, feats, model.forward_temporal(feats))
+    content, motion = _two_heads(model, *_forward(model, regime, x, grid))
     return F.cross_entropy(content, y) + F.cross_entropy(motion, y)
 
 
