@@ -65,7 +65,7 @@ from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
 from pks4_layers.models import PKS4VideoClassifier, create_temporal
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
-from pks4_layers.models.classifier import ClassifierHead
+from pks4_layers.models.classifier import ClassifierHead, combine_heads, factored_loss
 from pks4_layers.models.flops import count_flops
 from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, temporal_num_params
 
@@ -127,9 +127,9 @@ class Variant:
     ``"two_stream"``, the module's input and its contribution pooled and layer-normalised
     apart, side by side (a head twice as wide): what the module adds reaches the head at the
     scale of the features, however much smaller it is (down to LayerNorm's eps);
-    ``"two_heads"``, two linear heads, one on the module's input and one on its contribution,
-    each trained on its own loss (so the content cannot stand in for the motion), their
-    log-probabilities summed)."""
+    ``"two_heads"``, the classifier's ``readout="factored"``: two linear heads, one on the
+    module's input and one on its contribution, each trained on its own loss (so the content
+    cannot stand in for the motion), their log-probabilities summed)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -282,6 +282,12 @@ VARIANTS: dict[str, Variant] = {
         "the motion-only prior; a content head and a motion head, each on its own loss",
         head_reads="two_heads",
         **MOTION_ONLY,
+    ),
+    "pks4_motion_only_curl_two_heads": _pks4(
+        "the motion-only prior with the curl cue; a content head and a motion head, each on its "
+        "own loss",
+        head_reads="two_heads",
+        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
     ),
     "pks4_no_difference_unreduced": _pks4(
         "unreduced cost volume, no frame-difference cue (the scan reads the features)",
@@ -511,11 +517,10 @@ def build_model(
         temporal=variant.temporal,
         freeze_backbone=regime == "frozen",
         block_kwargs=module_kwargs(args, variant, backbone.num_features),
+        readout="factored" if variant.head_reads == "two_heads" else "output",
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
-    if variant.head_reads == "two_heads":
-        model.motion_head = ClassifierHead(backbone.num_features, classes)
     return model
 
 
@@ -666,16 +671,8 @@ def head_logits(
         pooled = torch.cat([F.layer_norm(v, v.shape[-1:]) for v in streams], dim=-1)
         return model.forward_head(pooled)
     elif variant.head_reads == "two_heads":
-        content, motion = _two_heads(model, feats, out)
-        return F.log_softmax(content, -1) + F.log_softmax(motion, -1)
+        return combine_heads(*model.forward_heads(feats, out))
     return model.forward_head(model.pool(out))
-
-
-def _two_heads(model: PKS4VideoClassifier, feats: Features, out: Features) -> tuple[Tensor, Tensor]:
-    """The logits of the content head (on the module's input) and of the motion head (on its
-    contribution)."""
-    motion = model.motion_head(model.pool(_contribution(feats, out)))
-    return model.forward_head(model.pool(feats)), motion
 
 
 def head_loss(
@@ -690,8 +687,7 @@ def head_loss(
     each head's own cross-entropy."""
     if variant.head_reads != "two_heads":
         return F.cross_entropy(head_logits(model, variant, regime, x, grid), y)
-    content, motion = _two_heads(model, *_forward(model, regime, x, grid))
-    return F.cross_entropy(content, y) + F.cross_entropy(motion, y)
+    return factored_loss(*model.forward_heads(*_forward(model, regime, x, grid)), y)
 
 
 def train_one(

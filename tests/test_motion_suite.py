@@ -355,9 +355,9 @@ def test_two_heads_train_the_block_on_the_motion_loss_alone() -> None:
 
     both = grads(motion_suite.head_loss(model, variant, "frozen", x, y, (2, 2)))
     feats = motion_suite.Features("map", x, (2, 2))
-    content, motion = motion_suite._two_heads(model, feats, model.forward_temporal(feats))
+    content, motion = model.forward_heads(feats, model.forward_temporal(feats))
     from_motion = grads(F.cross_entropy(motion, y))
-    content, motion = motion_suite._two_heads(model, feats, model.forward_temporal(feats))
+    content, motion = model.forward_heads(feats, model.forward_temporal(feats))
     from_content = grads(F.cross_entropy(content, y))
     assert set(from_content) == {n for n in both if n.startswith("head.")}
     assert set(from_motion) == {n for n in both if not n.startswith("head.")}

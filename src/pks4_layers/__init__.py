@@ -9,7 +9,7 @@ exact formulas were not available.
 from .layers import KinematicPriorEncoder, ParallelTemporalScan, PKS4Block
 from .ops import motion_scan
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "KinematicPriorEncoder",

@@ -1,7 +1,7 @@
 """Video models: per-frame 2D backbones, temporal modules and the PKS4 video classifier."""
 
 from .backbone import Features, FrameBackbone, create_backbone
-from .classifier import ClassifierHead, PKS4VideoClassifier
+from .classifier import ClassifierHead, PKS4VideoClassifier, combine_heads, factored_loss
 from .flops import FlopCount, ModelReport, count_flops, model_report
 from .pretrained import efficientnet_lite0
 from .temporal_heads import (
@@ -25,10 +25,12 @@ __all__ = [
     "TemporalBeforeBlock",
     "TemporalConvBlock",
     "TemporalIdentity",
+    "combine_heads",
     "count_flops",
     "create_backbone",
     "create_temporal",
     "efficientnet_lite0",
+    "factored_loss",
     "inner_dim_for_params",
     "insert_temporal",
     "model_report",

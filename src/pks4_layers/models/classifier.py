@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import PKS4Block
@@ -15,9 +16,38 @@ from ..layers.weight_decay import no_weight_decay_names
 from .backbone import Features, FrameBackbone, create_backbone
 from .temporal_heads import create_temporal
 
-__all__ = ["ClassifierHead", "ClassifierStreamState", "PKS4VideoClassifier"]
+__all__ = [
+    "ClassifierHead",
+    "ClassifierStreamState",
+    "PKS4VideoClassifier",
+    "combine_heads",
+    "factored_loss",
+]
 
 TOKEN_POOLS = ("avg", "prefix")
+READOUTS = ("output", "factored")
+
+
+def combine_heads(content: Tensor, motion: Tensor) -> Tensor:
+    """The class scores of a ``readout="factored"`` classifier from its two heads' logits: the
+    sum of their log-probabilities (a product of experts, unnormalised), ``(B, K)`` each ->
+    ``(B, K)``. Its argmax and its softmax are those of the product of the two distributions."""
+    return torch.log_softmax(content, dim=-1) + torch.log_softmax(motion, dim=-1)
+
+
+def factored_loss(content: Tensor, motion: Tensor, labels: Tensor) -> Tensor:
+    """The training loss of a ``readout="factored"`` classifier: each head's cross-entropy on
+    its own, summed (in float32 at least: half-precision logits are upcast). One cross-entropy
+    of :func:`combine_heads` instead would let the content head fit the training clips alone
+    and leave the motion head with no gradient."""
+    return _cross_entropy(content, labels) + _cross_entropy(motion, labels)
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy in float32 at least (float64 stays float64)."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels)
 
 
 class ClassifierHead(nn.Module):
@@ -46,11 +76,16 @@ class ClassifierStreamState(StreamState):
         frames_seen: how many frames have been streamed.
         temporal: the PKS4 block's state (``None`` for ``temporal="mean"``, and before the first
             chunk: the grid is known once the backbone has run).
+        input_sum, contribution_sum: with ``readout="factored"``, ``(B, C)`` each, the same
+            sums for the temporal module's input (the content head's features) and for its
+            contribution (the motion head's); ``None`` otherwise.
     """
 
     pooled_sum: Tensor
     frames_seen: int = 0
     temporal: Optional[PKS4StreamState] = None
+    input_sum: Optional[Tensor] = None
+    contribution_sum: Optional[Tensor] = None
 
 
 def _backbone_spec(backbone: object, pretrained: object) -> Optional[dict]:
@@ -80,6 +115,16 @@ class PKS4VideoClassifier(nn.Module):
     locations separate, so every patch token carries its own temporal context;
     ``token_pool="prefix"`` averages the class / register tokens instead.
 
+    Readout. ``readout="output"`` (default): one head reads the temporal module's output, as
+    above. ``readout="factored"``: two heads, each trained on its own cross-entropy
+    (:meth:`loss`): a content head on the pooled backbone features (the module's input) and a
+    motion head on the pooled contribution of the temporal module (its output minus its input,
+    over the patch tokens for ViTs); the logits are :func:`combine_heads` of the two. Trained on
+    one loss, a head that reads the backbone's features fits a small training set from the
+    content of its clips alone and the module's motion signal is never needed; with the motion
+    head on its own loss, the module must carry the label itself (measured in the motion suite,
+    docs/motion_suite.md). ``forward(x, return_heads=True)`` gives both heads' logits.
+
     Args:
         backbone: an image model (see :class:`FrameBackbone`), a :class:`FrameBackbone`, or a
             name for :func:`create_backbone`.
@@ -98,6 +143,8 @@ class PKS4VideoClassifier(nn.Module):
             ``"pks4"``, ``kernel_size`` for ``"tconv"``, the peer's constructor's).
         pretrained: with a backbone name, passed to :func:`create_backbone`.
         token_pool: ``"avg"`` or ``"prefix"``, the tokens pooled for ViT backbones.
+        readout: ``"output"`` or ``"factored"`` (see above; not with ``temporal="mean"``,
+            which adds nothing for a motion head to read).
 
     Streaming (online inference, constant memory): ``state = model.init_stream(B)``, then
     ``logits, state = model.step(chunk, state)`` for each chunk ``(B, T_chunk, 3, H, W)`` of any
@@ -108,7 +155,9 @@ class PKS4VideoClassifier(nn.Module):
     frame). ``num_frames`` is checked by :meth:`forward` only: a stream has any length.
 
     Shapes:
-        ``forward(x)``: ``(B, num_frames, 3, H, W)`` -> logits ``(B, num_classes)``.
+        ``forward(x)``: ``(B, num_frames, 3, H, W)`` -> logits ``(B, num_classes)``;
+        ``forward(x, return_heads=True)``: the content and the motion logits, ``(B, num_classes)``
+        each (``readout="factored"`` only).
         ``step(x, state)``: ``(B, T, 3, H, W)`` -> running logits ``(B, num_classes)``, state.
     """
 
@@ -123,6 +172,7 @@ class PKS4VideoClassifier(nn.Module):
         block_kwargs: Optional[dict] = None,
         pretrained: bool = False,
         token_pool: Literal["avg", "prefix"] = "avg",
+        readout: Literal["output", "factored"] = "output",
     ) -> None:
         super().__init__()
         # What rebuilds this model (save_pretrained): its arguments and the backbone's name.
@@ -135,6 +185,7 @@ class PKS4VideoClassifier(nn.Module):
             "drop_rate": drop_rate,
             "block_kwargs": dict(block_kwargs or {}),
             "token_pool": token_pool,
+            "readout": readout,
         }
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
@@ -142,6 +193,13 @@ class PKS4VideoClassifier(nn.Module):
             raise ValueError(f"num_frames: expected a positive int, got {num_frames!r}")
         if token_pool not in TOKEN_POOLS:
             raise ValueError(f"token_pool: expected one of {list(TOKEN_POOLS)}, got {token_pool!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout: expected one of {list(READOUTS)}, got {readout!r}")
+        if readout == "factored" and temporal == "mean":
+            raise ValueError(
+                "readout: expected 'output' with temporal='mean' (the frame average adds nothing "
+                "for a motion head to read), got 'factored'"
+            )
         if isinstance(backbone, FrameBackbone):
             if pretrained:
                 raise ValueError(
@@ -158,9 +216,14 @@ class PKS4VideoClassifier(nn.Module):
         self.num_frames = num_frames
         self.temporal_kind = temporal
         self.token_pool = token_pool
+        self.readout = readout
         dim = self.backbone.num_features
         self.temporal = create_temporal(temporal, dim, **(block_kwargs or {}))
         self.head = ClassifierHead(dim, num_classes, drop_rate)
+        # The factored readout's second head reads the temporal module's contribution.
+        self.motion_head: Optional[ClassifierHead] = (
+            ClassifierHead(dim, num_classes, drop_rate) if readout == "factored" else None
+        )
         self.backbone_frozen = False
         self.set_backbone_frozen(freeze_backbone)
 
@@ -296,20 +359,52 @@ class PKS4VideoClassifier(nn.Module):
         out = self.temporal(feats.x, grid=feats.grid, num_prefix_tokens=feats.num_prefix_tokens)
         return feats.replace(out)
 
-    def pool(self, feats: Features) -> Tensor:
-        """Mean over frames and space: :class:`Features` -> ``(B, C)``."""
-        if feats.kind == "map":
-            return feats.x.mean(dim=(1, 3, 4))
-        k = feats.num_prefix_tokens
-        tokens = feats.x[:, :, :k] if self.token_pool == "prefix" else feats.x[:, :, k:]
-        return tokens.mean(dim=(1, 2))
+    def pool(self, feats: Features, tokens: Optional[str] = None) -> Tensor:
+        """Mean over frames and space: :class:`Features` -> ``(B, C)``; ``tokens`` (``"avg"``
+        or ``"prefix"``, default ``token_pool``) picks the tokens pooled for ViTs."""
+        return self._pool_frames(feats, tokens).mean(dim=1)
 
     def forward_head(self, pooled: Tensor) -> Tensor:
         """``(B, C)`` -> ``(B, num_classes)``."""
         return self.head(pooled)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.pool(self.forward_temporal(self.forward_features(x))))
+    def forward_heads(self, feats: Features, out: Features) -> tuple[Tensor, Tensor]:
+        """``readout="factored"``: the content head's logits on the temporal module's input
+        ``feats`` and the motion head's on its contribution ``out - feats`` (pooled over the
+        patch tokens, where the module works), ``(B, num_classes)`` each."""
+        if self.motion_head is None:
+            raise ValueError(
+                f"readout: expected 'factored' for two heads, got {self.readout!r} (one head)"
+            )
+        contribution = out.replace(out.x - feats.x)
+        motion = self.motion_head(self.pool(contribution, tokens="avg"))
+        return self.forward_head(self.pool(feats)), motion
+
+    def forward(
+        self, x: Tensor, *, return_heads: bool = False
+    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        feats = self.forward_features(x)
+        out = self.forward_temporal(feats)
+        if self.motion_head is None:
+            if return_heads:
+                raise ValueError(
+                    "return_heads: expected False with readout='output' (one head), got True"
+                )
+            return self.forward_head(self.pool(out))
+        content, motion = self.forward_heads(feats, out)
+        return (content, motion) if return_heads else combine_heads(content, motion)
+
+    def loss(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The training loss on clips ``x`` with ``labels`` ``(B,)``, and :meth:`forward`'s
+        logits (for accuracy): the logits' cross-entropy for ``readout="output"``, the sum of
+        each head's own cross-entropy for ``"factored"`` (:func:`factored_loss`). Under
+        DistributedDataParallel call the wrapper (``model(x, return_heads=True)``) instead, so
+        that its gradient hooks run."""
+        if self.motion_head is None:
+            logits = self(x)
+            return _cross_entropy(logits, labels), logits
+        content, motion = self(x, return_heads=True)
+        return factored_loss(content, motion, labels), combine_heads(content, motion)
 
     def check_streamable(self) -> None:
         """Raise unless the temporal module is causal (``"mean"``, or a forward-only PKS4)."""
@@ -350,8 +445,13 @@ class PKS4VideoClassifier(nn.Module):
         device = ref.device if device is None else device
         dtype = ref.dtype if dtype is None else dtype
         sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        pooled_sum = torch.zeros(batch_size, self.num_features, device=device, dtype=sum_dtype)
-        return ClassifierStreamState(pooled_sum=pooled_sum)
+
+        def zeros() -> Tensor:
+            return torch.zeros(batch_size, self.num_features, device=device, dtype=sum_dtype)
+
+        if self.motion_head is None:
+            return ClassifierStreamState(pooled_sum=zeros())
+        return ClassifierStreamState(zeros(), input_sum=zeros(), contribution_sum=zeros())
 
     def step(
         self, x: Tensor, state: Optional[ClassifierStreamState] = None
@@ -382,28 +482,52 @@ class PKS4VideoClassifier(nn.Module):
             )
         feats = self._backbone_features(x)
         temporal = state.temporal
+        out = feats
         if isinstance(self.temporal, PKS4Block):
-            out, temporal = self.temporal.step(
+            y, temporal = self.temporal.step(
                 feats.x, temporal, grid=feats.grid, num_prefix_tokens=feats.num_prefix_tokens
             )
-            feats = feats.replace(out)
-        pooled = self._pool_frames(feats).sum(dim=1).to(state.pooled_sum.dtype)
-        pooled_sum = state.pooled_sum + pooled
+            out = feats.replace(y)
         frames_seen = state.frames_seen + x.shape[1]
-        mean = (pooled_sum / frames_seen).to(feats.x.dtype)
-        state = ClassifierStreamState(pooled_sum, frames_seen, temporal)
-        return self.forward_head(mean), state
 
-    def _pool_frames(self, feats: Features) -> Tensor:
-        """Mean over space of every frame: :class:`Features` -> ``(B, T, C)``."""
+        def running(total: Tensor, f: Features, tokens: Optional[str] = None) -> Tensor:
+            return total + self._pool_frames(f, tokens).sum(dim=1).to(total.dtype)
+
+        def mean(total: Tensor) -> Tensor:
+            return (total / frames_seen).to(feats.x.dtype)
+
+        pooled_sum = running(state.pooled_sum, out)
+        if self.motion_head is None:
+            state = ClassifierStreamState(pooled_sum, frames_seen, temporal)
+            return self.forward_head(mean(pooled_sum)), state
+        if state.input_sum is None or state.contribution_sum is None:
+            raise ValueError(
+                "state: expected the input and contribution sums of readout='factored' "
+                "(from this model's init_stream), got a state without them"
+            )
+        input_sum = running(state.input_sum, feats)
+        contribution = out.replace(out.x - feats.x)
+        contribution_sum = running(state.contribution_sum, contribution, "avg")
+        state = ClassifierStreamState(
+            pooled_sum, frames_seen, temporal, input_sum, contribution_sum
+        )
+        content = self.forward_head(mean(input_sum))
+        motion = self.motion_head(mean(contribution_sum))
+        return combine_heads(content, motion), state
+
+    def _pool_frames(self, feats: Features, tokens: Optional[str] = None) -> Tensor:
+        """Mean over space of every frame: :class:`Features` -> ``(B, T, C)``; ``tokens`` as in
+        :meth:`pool`."""
         if feats.kind == "map":
             return feats.x.mean(dim=(3, 4))
         k = feats.num_prefix_tokens
-        tokens = feats.x[:, :, :k] if self.token_pool == "prefix" else feats.x[:, :, k:]
-        return tokens.mean(dim=2)
+        prefix = (self.token_pool if tokens is None else tokens) == "prefix"
+        return (feats.x[:, :, :k] if prefix else feats.x[:, :, k:]).mean(dim=2)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part: ``{"backbone": [...], "temporal": [...], "head": [...]}``
-        (for per-part learning rates or weight decay)."""
-        parts = {"backbone": self.backbone, "temporal": self.temporal, "head": self.head}
+        (for per-part learning rates or weight decay; ``"head"`` holds both heads of
+        ``readout="factored"``)."""
+        heads = nn.ModuleList([self.head] + ([self.motion_head] if self.motion_head else []))
+        parts = {"backbone": self.backbone, "temporal": self.temporal, "head": heads}
         return {n: [p for p in m.parameters() if p.requires_grad] for n, m in parts.items()}

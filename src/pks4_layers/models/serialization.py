@@ -126,6 +126,7 @@ def from_pretrained(
         drop_rate=config["drop_rate"],
         block_kwargs=config["block_kwargs"],
         token_pool=config["token_pool"],
+        readout=config.get("readout", "output"),  # saved before 0.3.0: one head
     )
     model.init_config["backbone"] = config.get("backbone")
     state = _safetensors().load_file(str(Path(directory) / WEIGHTS_NAME))

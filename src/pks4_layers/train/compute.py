@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.classifier import factored_loss
 from .config import TrainConfig
 from .errors import UsageError
 
@@ -311,14 +312,16 @@ def _step_activation_bytes(model: nn.Module, cfg: TrainConfig, num_classes: int)
         feats = dataclasses.replace(feats, x=x)
 
         def step() -> Tensor:
-            logits = model.forward_head(model.pool(model.forward_temporal(feats)))
-            return F.cross_entropy(logits, labels)
+            out = model.forward_temporal(feats)
+            if model.motion_head is not None:
+                return factored_loss(*model.forward_heads(feats, out), labels)
+            return F.cross_entropy(model.forward_head(model.pool(out)), labels)
 
     else:
         clips = torch.zeros((b,) + shape[1:])
 
         def step() -> Tensor:
-            return F.cross_entropy(model(clips), labels)
+            return model.loss(clips, labels)[0]
 
     nbytes, loss = saved_bytes(step, exclude=keep)
     del loss  # the graph goes with it

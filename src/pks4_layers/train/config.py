@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from ..data.benchmark import TASKS as BENCHMARK_TASKS
 from ..layers.temporal_scan import PRIOR_TARGETS
+from ..models.classifier import READOUTS
 from ..models.temporal_heads import TEMPORAL_KINDS
 from .errors import (
     MissingPathError,
@@ -110,6 +111,14 @@ class TrainConfig:
         default=0, metadata={"help": "also tune the backbone's last N blocks (0: none)"}
     )
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
+    readout: str = field(
+        default="output",
+        metadata={
+            "help": f"one of {READOUTS}: one head on the temporal module's output, or a content "
+            "head on the backbone's features and a motion head on the module's contribution, "
+            "each on its own loss (not with temporal mean)"
+        },
+    )
     prior_targets: str = field(
         default="",
         metadata={
@@ -160,6 +169,7 @@ class TrainConfig:
             "sampling": ("segment", "dense"),
             "benchmark_task": tuple(BENCHMARK_TASKS),
             "on_bad_video": BAD_VIDEO_MODES,
+            "readout": READOUTS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -190,6 +200,10 @@ class TrainConfig:
                     f"comma-separated distinct names of {PRIOR_TARGETS}{hint}",
                     repr(self.prior_targets),
                 )
+        if self.readout == "factored" and self.temporal == "mean":
+            raise UsageError(
+                "readout", "output with temporal mean (it adds nothing to read)", repr(self.readout)
+            )
         if self.inner_dim < 0:
             raise UsageError("inner_dim", ">= 0", str(self.inner_dim))
         if self.inner_dim and self.temporal in ("mean", "tconv"):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from ..models.classifier import combine_heads, factored_loss
 from .checkpoint import check_checkpoint_fits, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
@@ -345,6 +346,7 @@ def build_model(cfg: TrainConfig, num_classes: int, random_weights: bool = False
             drop_rate=cfg.drop_rate,
             block_kwargs=cfg.block_kwargs(),
             pretrained=pretrained,
+            readout=cfg.readout,
         )
     except Exception as err:
         usage = _weights_file_error(cfg, err) if isinstance(pretrained, str) else None
@@ -515,8 +517,13 @@ def train_one_epoch(
                 with sync:
                     if clips is not None:
                         with _autocast(env.device, amp_dtype):
-                            logits = model(clips)
-                        loss = F.cross_entropy(logits.float(), labels)
+                            logits = model(clips, return_heads=cfg.readout == "factored")
+                        if cfg.readout == "factored":
+                            # Each head on its own loss (the wrapper ran, so DDP's hooks did).
+                            loss = factored_loss(*logits, labels)
+                            logits = combine_heads(*logits)
+                        else:
+                            loss = F.cross_entropy(logits.float(), labels)
                         if not torch.isfinite(loss):
                             raise FloatingPointError(
                                 f"training loss is {loss.item()} at epoch {epoch + 1}, "

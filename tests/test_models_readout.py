@@ -1,0 +1,214 @@
+"""PKS4VideoClassifier's factored readout: a content head on the backbone's features, a motion
+head on the temporal module's contribution, each trained on its own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pks4_layers.models import (
+    FrameBackbone,
+    PKS4VideoClassifier,
+    combine_heads,
+    factored_loss,
+)
+from tolerances import assert_close
+
+B, T, CLASSES = 3, 5, 4
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def _model(
+    backbone: str = "cnn", temporal: str = "pks4", perturb: bool = True, **kw
+) -> tuple[PKS4VideoClassifier, int]:
+    """A float64 factored classifier; ``perturb``: the temporal module no longer the identity."""
+    torch.manual_seed(0)
+    if backbone == "cnn":
+        net, size = FrameBackbone(_TinyCNN(), num_features=8), 12
+    else:
+        timm = pytest.importorskip("timm")
+        net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1)
+        size = 32
+    if temporal == "pks4":
+        kw.setdefault("block_kwargs", dict(prior_dim=6, d_state=4))
+    model = PKS4VideoClassifier(net, CLASSES, T, temporal=temporal, readout="factored", **kw)
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.temporal.named_parameters():
+                if p.dim() > 1 and not p.any():  # the zero-initialised output projection
+                    p.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model.double(), size
+
+
+def _clip(size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, 3, size, size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "backbone, temporal, token_pool",
+    [("cnn", "pks4", "avg"), ("cnn", "attention", "avg"), ("vit", "pks4", "prefix")],
+)
+def test_heads_read_the_features_and_the_contribution(backbone, temporal, token_pool):
+    model, size = _model(backbone, temporal, token_pool=token_pool)
+    x = _clip(size)
+    content, motion = model(x, return_heads=True)
+    assert content.shape == motion.shape == (B, CLASSES)
+    assert_close(model(x), F.log_softmax(content, -1) + F.log_softmax(motion, -1))
+    # Computed by hand: the content head on the pooled features (token_pool's tokens), the
+    # motion head on the mean over frames and patch tokens of output minus input.
+    feats = model.backbone(x)
+    out = model.temporal(feats.x, grid=feats.grid, num_prefix_tokens=feats.num_prefix_tokens)
+    assert_close(content, model.head(model.pool(feats)))
+    k = feats.num_prefix_tokens
+    delta = (out - feats.x).mean(dim=(1, 3, 4)) if k == 0 and feats.kind == "map" else None
+    if delta is None:
+        delta = (out - feats.x)[:, :, k:].mean(dim=(1, 2))
+    assert_close(motion, model.motion_head(delta))
+    assert not torch.allclose(motion[0], motion[1])  # the module adds something per clip
+
+
+def test_at_creation_the_motion_head_reads_zeros_and_the_argmax_is_the_content_heads():
+    model, size = _model(perturb=False)
+    x = _clip(size)
+    content, motion = model(x, return_heads=True)
+    # The block is the identity when created: its contribution, and so the motion head's
+    # normalised input, is zero, and the motion logits are the classifier's bias.
+    assert_close(motion, model.motion_head.fc.bias.expand(B, CLASSES))
+    assert torch.equal(model(x).argmax(-1), content.argmax(-1))
+
+
+def test_each_head_trains_on_its_own_loss_and_the_module_on_the_motion_loss_alone():
+    model, size = _model()
+    x, labels = _clip(size), torch.tensor([0, 3, 1])
+    loss, logits = model.loss(x, labels)
+    content, motion = model(x, return_heads=True)
+    expected = F.cross_entropy(content, labels) + F.cross_entropy(motion, labels)
+    assert loss.dtype == torch.float64  # float32 at least: a float64 model keeps float64
+    assert_close(loss, expected)
+    assert_close(logits, combine_heads(content, motion))
+    assert_close(factored_loss(content, motion, labels), expected)
+    half = factored_loss(content.half(), motion.bfloat16(), labels)
+    assert half.dtype == torch.float32
+
+    def grads(value: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=False)
+        value.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    both = grads(model.loss(x, labels)[0])
+    _, motion = model(x, return_heads=True)
+    motion_only = grads(F.cross_entropy(motion, labels))
+    content, _ = model(x, return_heads=True)
+    content_only = grads(F.cross_entropy(content, labels))
+    temporal = [n for n in both if n.startswith("temporal.")]
+    assert temporal and any(both[n].abs().sum() > 0 for n in temporal)
+    for n in temporal + [n for n in both if n.startswith("motion_head.")]:
+        assert_close(both[n], motion_only[n])
+    for n in [n for n in both if n.startswith("head.") or n.startswith("backbone.")]:
+        # The backbone gets both gradients (it feeds both heads); the content head only its own.
+        if n.startswith("head."):
+            assert_close(both[n], content_only[n])
+        else:
+            assert_close(both[n], content_only[n] + motion_only[n])
+
+
+def test_parameter_groups_and_weight_decay_cover_the_motion_head():
+    model, _ = _model()
+    groups = model.parameter_groups()
+    ids = {id(p) for p in groups["head"]}
+    assert {id(p) for p in model.motion_head.parameters()} <= ids
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+    assert {"motion_head.fc.bias", "motion_head.norm.weight"} <= model.no_weight_decay()
+
+
+def test_stream_equals_forward():
+    model, size = _model(block_kwargs=dict(prior_dim=6, d_state=4, bidirectional=False))
+    model.eval()
+    clip = _clip(size, seed=3)
+    with torch.no_grad():
+        expected = model(clip)
+        state, seen = None, 0
+        for chunk in [2, 1, 2]:
+            logits, state = model.step(clip[:, seen : seen + chunk], state)
+            seen += chunk
+            # Running logits: those of the frames seen so far, through both heads.
+            feats = model.backbone(clip[:, :seen])
+            heads = model.forward_heads(feats, model.forward_temporal(feats))
+            assert_close(logits, combine_heads(*heads))
+    assert_close(logits, expected)
+    assert state.input_sum.shape == state.contribution_sum.shape == (B, 8)
+    one_head = PKS4VideoClassifier(
+        FrameBackbone(_TinyCNN(), num_features=8),
+        CLASSES,
+        T,
+        block_kwargs=dict(prior_dim=6, d_state=4, bidirectional=False),
+    ).double()
+    with torch.no_grad():
+        _, plain = one_head.step(clip[:, :2])
+    with pytest.raises(ValueError, match=r"^state: expected the input and contribution sums"):
+        model.step(clip[:, 2:], plain)
+
+
+def test_save_and_load_keep_the_readout(tmp_path):
+    pytest.importorskip("safetensors")
+    model, size = _model()
+    model.eval()
+    x = _clip(size)
+    model.float().save_pretrained(tmp_path)
+    loaded = PKS4VideoClassifier.from_pretrained(
+        tmp_path, backbone=FrameBackbone(_TinyCNN(), num_features=8)
+    ).eval()
+    assert loaded.readout == "factored" and loaded.motion_head is not None
+    with torch.no_grad():
+        assert_close(loaded(x.float()), model(x.float()))
+
+
+def test_bad_readouts_name_the_argument():
+    net = FrameBackbone(_TinyCNN(), num_features=8)
+    with pytest.raises(ValueError, match=r"^readout: expected one of \['output', 'factored'\], "):
+        PKS4VideoClassifier(net, CLASSES, T, readout="two_heads")
+    with pytest.raises(ValueError, match=r"^readout: expected 'output' with temporal='mean'"):
+        PKS4VideoClassifier(net, CLASSES, T, temporal="mean", readout="factored")
+    plain = PKS4VideoClassifier(net, CLASSES, T)
+    assert plain.motion_head is None and "readout" in plain.init_config
+    with pytest.raises(ValueError, match=r"^return_heads: expected False with readout='output'"):
+        plain(torch.randn(1, T, 3, 12, 12), return_heads=True)
+
+
+def test_the_cli_builds_a_factored_classifier_and_its_loop_trains_each_head_on_its_loss():
+    from pks4_layers.train import TrainConfig, config_from_mapping, parse_args
+    from pks4_layers.train.distributed import DistEnv
+    from pks4_layers.train.engine import build_model, train_one_epoch
+
+    cfg, _ = parse_args(["--readout", "factored", "--backbone", "resnet18"])
+    model = build_model(cfg, num_classes=3, random_weights=True)
+    assert model.readout == "factored" and model.motion_head is not None
+    with pytest.raises(ValueError, match=r"^readout: expected one of .*did you mean 'factored'"):
+        config_from_mapping({"readout": "factord"})
+    with pytest.raises(ValueError, match=r"^readout: expected output with temporal mean"):
+        config_from_mapping({"readout": "factored", "temporal": "mean"})
+
+    # One step of the training loop reports the sum of the two heads' losses and moves both.
+    model, size = _model()
+    model.float()
+    x, labels = _clip(size).float(), torch.tensor([0, 3, 1])
+    expected = model.loss(x, labels)[0].item()
+    cfg = TrainConfig(num_frames=T, readout="factored", epochs=1, progress=False, grad_clip=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    motion_before = model.motion_head.fc.weight.detach().clone()
+    out = train_one_epoch(model, [(x, labels, 0)], optimizer, scheduler, None, cfg, env, None, 0)
+    assert out["train_loss"] == pytest.approx(expected, rel=1e-5)
+    assert not torch.equal(motion_before, model.motion_head.fc.weight)
