@@ -353,6 +353,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own clips too")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument(
+        "--readout",
+        choices=("output", "factored"),
+        default="output",
+        help="the classifiers' readout (PKS4VideoClassifier's readout) for every model whose "
+        "head reads the module's output; the frame average keeps one head",
+    )
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--event-frames", type=int, default=16, help="frames of the event task")
     p.add_argument("--size", type=int, default=96, help="frame size of the generated clips")
@@ -517,11 +524,21 @@ def build_model(
         temporal=variant.temporal,
         freeze_backbone=regime == "frozen",
         block_kwargs=module_kwargs(args, variant, backbone.num_features),
-        readout="factored" if variant.head_reads == "two_heads" else "output",
+        readout=readout_of(args, variant),
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
     return model
+
+
+def readout_of(args: argparse.Namespace, variant: Variant) -> str:
+    """The classifier's readout: ``"factored"`` for the ``two_heads`` variants, and with
+    ``--readout factored`` for every model whose head reads the module's output (the frame
+    average has no contribution to read: it keeps one head)."""
+    if variant.head_reads == "two_heads":
+        return "factored"
+    factored = args.readout == "factored" and variant.head_reads == "output"
+    return "factored" if factored and variant.temporal != "mean" else "output"
 
 
 def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dict[str, Any]:
@@ -670,7 +687,7 @@ def head_logits(
         streams = (model.pool(feats), model.pool(_contribution(feats, out)))
         pooled = torch.cat([F.layer_norm(v, v.shape[-1:]) for v in streams], dim=-1)
         return model.forward_head(pooled)
-    elif variant.head_reads == "two_heads":
+    elif model.motion_head is not None:  # "two_heads", or --readout factored
         return combine_heads(*model.forward_heads(feats, out))
     return model.forward_head(model.pool(out))
 
@@ -683,9 +700,9 @@ def head_loss(
     y: Tensor,
     grid: tuple[int, int],
 ) -> Tensor:
-    """The training loss: cross-entropy of :func:`head_logits`; with ``"two_heads"``, the sum of
-    each head's own cross-entropy."""
-    if variant.head_reads != "two_heads":
+    """The training loss: cross-entropy of :func:`head_logits`; with the factored readout
+    (``"two_heads"``, ``--readout factored``), the sum of each head's own cross-entropy."""
+    if model.motion_head is None:
         return F.cross_entropy(head_logits(model, variant, regime, x, grid), y)
     return factored_loss(*model.forward_heads(*_forward(model, regime, x, grid)), y)
 

@@ -558,3 +558,32 @@ def test_shards_split_the_task_seed_pairs_and_report_together(tmp_path: Path, ca
     shards = motion_suite.shard_runs(motion_suite.parse_args([*argv, "--shards=2"]))
     pairs = [{(r["task"], r["seed"]) for r in json.loads(p.read_text())["runs"]} for p in shards]
     assert len(pairs[0]) == len(pairs[1]) == 2 and not pairs[0] & pairs[1]
+
+
+def test_readout_flag_gives_every_model_but_the_frame_average_the_factored_readout() -> None:
+    """``--readout factored``: the peers and PKS4 get a content and a motion head (and the
+    suite's loss is the sum of the two heads' losses); the frame average, with nothing to add,
+    keeps one head; without the flag only the ``two_heads`` variants have two."""
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    factored = motion_suite.parse_args(["--scratch-width=8", "--frames=3", "--readout=factored"])
+    plain = motion_suite.parse_args(["--scratch-width=8", "--frames=3"])
+    x, y = torch.randn(4, 3, 8, 2, 2), torch.tensor([0, 1, 2, 0])
+    for name, args, heads in [
+        ("attention", factored, 2),
+        ("pks4", factored, 2),
+        ("mean", factored, 1),
+        ("attention", plain, 1),
+        ("pks4_motion_only_two_heads", plain, 2),
+    ]:
+        variant = motion_suite.VARIANTS[name]
+        torch.manual_seed(0)
+        model = motion_suite.build_model(args, "frozen", variant, 3, backbone)
+        assert (model.motion_head is not None) == (heads == 2), name
+        loss = motion_suite.head_loss(model, variant, "frozen", x, y, (2, 2))
+        feats = motion_suite.Features("map", x, (2, 2))
+        out = model.forward_temporal(feats)
+        if heads == 2:
+            expected = motion_suite.factored_loss(*model.forward_heads(feats, out), y)
+        else:
+            expected = F.cross_entropy(model.forward_head(model.pool(out)), y)
+        torch.testing.assert_close(loss, expected, msg=name)
