@@ -517,7 +517,8 @@ def train_one_epoch(
                 with sync:
                     if clips is not None:
                         with _autocast(env.device, amp_dtype):
-                            logits = model(clips, return_heads=cfg.readout == "factored")
+                            factored = {"return_heads": True} if cfg.readout == "factored" else {}
+                            logits = model(clips, **factored)
                         if cfg.readout == "factored":
                             # Each head on its own loss (the wrapper ran, so DDP's hooks did).
                             loss = factored_loss(*logits, labels)
