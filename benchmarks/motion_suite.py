@@ -65,7 +65,7 @@ from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
 from pks4_layers.models import PKS4VideoClassifier, create_temporal
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
-from pks4_layers.models.classifier import ClassifierHead, combine_heads, factored_loss
+from pks4_layers.models.classifier import READOUTS, ClassifierHead, combine_heads, factored_loss
 from pks4_layers.models.flops import count_flops
 from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, temporal_num_params
 
@@ -355,7 +355,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument(
         "--readout",
-        choices=("output", "factored"),
+        choices=READOUTS,
         default="output",
         help="the classifiers' readout (PKS4VideoClassifier's readout) for every model whose "
         "head reads the module's output; the frame average keeps one head",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pks4_layers.models import (
     FrameBackbone,
@@ -14,18 +13,10 @@ from pks4_layers.models import (
     combine_heads,
     factored_loss,
 )
+from tiny_backbone import TinyCNN
 from tolerances import assert_close
 
 B, T, CLASSES = 3, 5, 4
-
-
-class _TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
 
 
 def _model(
@@ -34,7 +25,7 @@ def _model(
     """A float64 factored classifier; ``perturb``: the temporal module no longer the identity."""
     torch.manual_seed(0)
     if backbone == "cnn":
-        net, size = FrameBackbone(_TinyCNN(), num_features=8), 12
+        net, size = FrameBackbone(TinyCNN(), num_features=8), 12
     else:
         timm = pytest.importorskip("timm")
         net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1)
@@ -147,16 +138,16 @@ def test_stream_equals_forward():
             heads = model.forward_heads(feats, model.forward_temporal(feats))
             assert_close(logits, combine_heads(*heads))
     assert_close(logits, expected)
-    assert state.input_sum.shape == state.contribution_sum.shape == (B, 8)
+    assert state.pooled_sum.shape == state.contribution_sum.shape == (B, 8)
     one_head = PKS4VideoClassifier(
-        FrameBackbone(_TinyCNN(), num_features=8),
+        FrameBackbone(TinyCNN(), num_features=8),
         CLASSES,
         T,
         block_kwargs=dict(prior_dim=6, d_state=4, bidirectional=False),
     ).double()
     with torch.no_grad():
         _, plain = one_head.step(clip[:, :2])
-    with pytest.raises(ValueError, match=r"^state: expected the input and contribution sums"):
+    with pytest.raises(ValueError, match=r"^state: expected the contribution sum"):
         model.step(clip[:, 2:], plain)
 
 
@@ -167,7 +158,7 @@ def test_save_and_load_keep_the_readout(tmp_path):
     x = _clip(size)
     model.float().save_pretrained(tmp_path)
     loaded = PKS4VideoClassifier.from_pretrained(
-        tmp_path, backbone=FrameBackbone(_TinyCNN(), num_features=8)
+        tmp_path, backbone=FrameBackbone(TinyCNN(), num_features=8)
     ).eval()
     assert loaded.readout == "factored" and loaded.motion_head is not None
     with torch.no_grad():
@@ -175,7 +166,7 @@ def test_save_and_load_keep_the_readout(tmp_path):
 
 
 def test_bad_readouts_name_the_argument():
-    net = FrameBackbone(_TinyCNN(), num_features=8)
+    net = FrameBackbone(TinyCNN(), num_features=8)
     with pytest.raises(ValueError, match=r"^readout: expected one of \['output', 'factored'\], "):
         PKS4VideoClassifier(net, CLASSES, T, readout="two_heads")
     with pytest.raises(ValueError, match=r"^readout: expected 'output' with temporal='mean'"):

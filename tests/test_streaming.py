@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from pks4_layers import PKS4Block
 from pks4_layers.layers import PKS4StreamState
@@ -12,6 +11,7 @@ from pks4_layers.layers.kinematic_prior import DEFAULT_PRIOR_CUES, PRIOR_CUES
 from pks4_layers.layers.temporal_conv import temporal_conv, temporal_conv_step
 from pks4_layers.models import PKS4VideoClassifier
 from scan_cases import device_for
+from tiny_backbone import TinyCNN
 from tolerances import assert_close
 
 T = 11
@@ -216,21 +216,12 @@ def test_long_stream_has_constant_memory(cues, motion):
 # --- the classifier -------------------------------------------------------------------------
 
 
-class _TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
-
-
 def _classifier(temporal: str, backbone: str = "cnn", **kw) -> PKS4VideoClassifier:
     torch.manual_seed(0)
     if backbone == "cnn":
         from pks4_layers.models import FrameBackbone
 
-        net, size = FrameBackbone(_TinyCNN(), num_features=8), 12
+        net, size = FrameBackbone(TinyCNN(), num_features=8), 12
     else:
         timm = pytest.importorskip("timm")
         net = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=1)

@@ -76,15 +76,14 @@ class ClassifierStreamState(StreamState):
         frames_seen: how many frames have been streamed.
         temporal: the PKS4 block's state (``None`` for ``temporal="mean"``, and before the first
             chunk: the grid is known once the backbone has run).
-        input_sum, contribution_sum: with ``readout="factored"``, ``(B, C)`` each, the same
-            sums for the temporal module's input (the content head's features) and for its
-            contribution (the motion head's); ``None`` otherwise.
+        contribution_sum: with ``readout="factored"``, ``(B, C)``, the same sum for the
+            temporal module's contribution (what the motion head reads; ``pooled_sum`` then
+            holds the module's input, what the content head reads); ``None`` otherwise.
     """
 
     pooled_sum: Tensor
     frames_seen: int = 0
     temporal: Optional[PKS4StreamState] = None
-    input_sum: Optional[Tensor] = None
     contribution_sum: Optional[Tensor] = None
 
 
@@ -376,9 +375,14 @@ class PKS4VideoClassifier(nn.Module):
             raise ValueError(
                 f"readout: expected 'factored' for two heads, got {self.readout!r} (one head)"
             )
-        contribution = out.replace(out.x - feats.x)
-        motion = self.motion_head(self.pool(contribution, tokens="avg"))
+        motion = self.motion_head(self._contribution_frames(feats, out).mean(dim=1))
         return self.forward_head(self.pool(feats)), motion
+
+    def _contribution_frames(self, feats: Features, out: Features) -> Tensor:
+        """What the temporal module adds, ``out - feats``, pooled over the space of each frame
+        (patch tokens for ViTs: the module leaves the prefix tokens as they are):
+        ``(B, T, C)``."""
+        return self._pool_frames(out.replace(out.x - feats.x), tokens="avg")
 
     def forward(
         self, x: Tensor, *, return_heads: bool = False
@@ -451,7 +455,7 @@ class PKS4VideoClassifier(nn.Module):
 
         if self.motion_head is None:
             return ClassifierStreamState(pooled_sum=zeros())
-        return ClassifierStreamState(zeros(), input_sum=zeros(), contribution_sum=zeros())
+        return ClassifierStreamState(zeros(), contribution_sum=zeros())
 
     def step(
         self, x: Tensor, state: Optional[ClassifierStreamState] = None
@@ -490,28 +494,25 @@ class PKS4VideoClassifier(nn.Module):
             out = feats.replace(y)
         frames_seen = state.frames_seen + x.shape[1]
 
-        def running(total: Tensor, f: Features, tokens: Optional[str] = None) -> Tensor:
-            return total + self._pool_frames(f, tokens).sum(dim=1).to(total.dtype)
+        def running(total: Tensor, per_frame: Tensor) -> Tensor:
+            return total + per_frame.sum(dim=1).to(total.dtype)
 
         def mean(total: Tensor) -> Tensor:
             return (total / frames_seen).to(feats.x.dtype)
 
-        pooled_sum = running(state.pooled_sum, out)
+        # The head reads the module's output, or its input with the factored readout.
+        read = feats if self.motion_head is not None else out
+        pooled_sum = running(state.pooled_sum, self._pool_frames(read))
+        content = self.forward_head(mean(pooled_sum))
         if self.motion_head is None:
-            state = ClassifierStreamState(pooled_sum, frames_seen, temporal)
-            return self.forward_head(mean(pooled_sum)), state
-        if state.input_sum is None or state.contribution_sum is None:
+            return content, ClassifierStreamState(pooled_sum, frames_seen, temporal)
+        if state.contribution_sum is None:
             raise ValueError(
-                "state: expected the input and contribution sums of readout='factored' "
-                "(from this model's init_stream), got a state without them"
+                "state: expected the contribution sum of readout='factored' "
+                "(from this model's init_stream), got a state without it"
             )
-        input_sum = running(state.input_sum, feats)
-        contribution = out.replace(out.x - feats.x)
-        contribution_sum = running(state.contribution_sum, contribution, "avg")
-        state = ClassifierStreamState(
-            pooled_sum, frames_seen, temporal, input_sum, contribution_sum
-        )
-        content = self.forward_head(mean(input_sum))
+        contribution_sum = running(state.contribution_sum, self._contribution_frames(feats, out))
+        state = ClassifierStreamState(pooled_sum, frames_seen, temporal, contribution_sum)
         motion = self.motion_head(mean(contribution_sum))
         return combine_heads(content, motion), state
 
