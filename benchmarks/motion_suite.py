@@ -289,6 +289,12 @@ VARIANTS: dict[str, Variant] = {
         head_reads="two_heads",
         **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
     ),
+    "pks4_motion_only_curl_two_heads_lr_x3": _pks4(
+        "the motion-only prior with the curl cue, two heads, block learning rate x3",
+        block_lr_scale=3.0,
+        head_reads="two_heads",
+        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
+    ),
     "pks4_no_difference_unreduced": _pks4(
         "unreduced cost volume, no frame-difference cue (the scan reads the features)",
         corr_dim=None,
