@@ -295,6 +295,13 @@ VARIANTS: dict[str, Variant] = {
         head_reads="two_heads",
         **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
     ),
+    "pks4_motion_only_curl_two_heads_small_out": _pks4(
+        "the motion-only prior with the curl cue, two heads, output projection small random: "
+        "the motion head reads a contribution that is not zero at creation",
+        head_reads="two_heads",
+        out_init="small",
+        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
+    ),
     "pks4_no_difference_unreduced": _pks4(
         "unreduced cost volume, no frame-difference cue (the scan reads the features)",
         corr_dim=None,
