@@ -162,6 +162,11 @@ MOTION_ONLY: dict[str, Any] = {
     "corr_dim": None,
     "cues": ("cost", "displacement", "change"),
 }
+# The same prior with the curl and divergence of the displacement field.
+MOTION_ONLY_CURL: dict[str, Any] = {
+    **MOTION_ONLY,
+    "cues": ("cost", "displacement", "change", "curl"),
+}
 
 VARIANTS: dict[str, Variant] = {
     "mean": Variant("mean", note="frame average (order-free)"),
@@ -251,7 +256,7 @@ VARIANTS: dict[str, Variant] = {
     "pks4_motion_only_contribution_curl": _pks4(
         "no content anywhere, with the curl cue: the head reads the contribution only",
         head_reads="contribution",
-        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
+        **MOTION_ONLY_CURL,
     ),
     "pks4_motion_only_contribution_lr_x3": _pks4(
         "no content anywhere, block learning rate x3: the head reads the contribution only",
@@ -287,20 +292,20 @@ VARIANTS: dict[str, Variant] = {
         "the motion-only prior with the curl cue; a content head and a motion head, each on its "
         "own loss",
         head_reads="two_heads",
-        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
+        **MOTION_ONLY_CURL,
     ),
     "pks4_motion_only_curl_two_heads_lr_x3": _pks4(
         "the motion-only prior with the curl cue, two heads, block learning rate x3",
         block_lr_scale=3.0,
         head_reads="two_heads",
-        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
+        **MOTION_ONLY_CURL,
     ),
     "pks4_motion_only_curl_two_heads_small_out": _pks4(
         "the motion-only prior with the curl cue, two heads, output projection small random: "
         "the motion head reads a contribution that is not zero at creation",
         head_reads="two_heads",
         out_init="small",
-        **{**MOTION_ONLY, "cues": ("cost", "displacement", "change", "curl")},
+        **MOTION_ONLY_CURL,
     ),
     "pks4_no_difference_unreduced": _pks4(
         "unreduced cost volume, no frame-difference cue (the scan reads the features)",
