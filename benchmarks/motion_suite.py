@@ -129,7 +129,9 @@ class Variant:
     scale of the features, however much smaller it is (down to LayerNorm's eps);
     ``"two_heads"``, the classifier's ``readout="factored"``: two linear heads, one on the
     module's input and one on its contribution, each trained on its own loss (so the content
-    cannot stand in for the motion), their log-probabilities summed)."""
+    cannot stand in for the motion), their log-probabilities summed; ``"two_heads_raw"``, the
+    same with no LayerNorm in the motion head: its linear layer reads the contribution as it
+    is, which is zero when the block is created, where a LayerNorm's gain is 1/sqrt(eps))."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -141,7 +143,8 @@ class Variant:
         return dict(self.block_kwargs)
 
 
-HEAD_READS = ("output", "contribution", "content_drop", "two_stream", "two_heads")
+HEAD_READS = ("output", "contribution", "content_drop", "two_stream", "two_heads", "two_heads_raw")
+FACTORED_READS = ("two_heads", "two_heads_raw")  # the classifier's readout="factored"
 # The share of training clips whose head input is the module's contribution alone (no rescaling
 # of the rest: at evaluation the head reads the output, as users run it).
 CONTENT_DROP = 0.5
@@ -305,6 +308,12 @@ VARIANTS: dict[str, Variant] = {
         "the motion head reads a contribution that is not zero at creation",
         head_reads="two_heads",
         out_init="small",
+        **MOTION_ONLY_CURL,
+    ),
+    "pks4_motion_only_curl_two_heads_raw": _pks4(
+        "the motion-only prior with the curl cue, two heads, no LayerNorm in the motion head: "
+        "the block stays the identity at creation and the head's gain stays bounded",
+        head_reads="two_heads_raw",
         **MOTION_ONLY_CURL,
     ),
     "pks4_no_difference_unreduced": _pks4(
@@ -546,6 +555,8 @@ def build_model(
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
+    if variant.head_reads == "two_heads_raw":
+        model.motion_head.norm = nn.Identity()
     return model
 
 
@@ -553,7 +564,7 @@ def readout_of(args: argparse.Namespace, variant: Variant) -> str:
     """The classifier's readout: ``"factored"`` for the ``two_heads`` variants, and with
     ``--readout factored`` for every model whose head reads the module's output (the frame
     average has no contribution to read: it keeps one head)."""
-    if variant.head_reads == "two_heads":
+    if variant.head_reads in FACTORED_READS:
         return "factored"
     factored = args.readout == "factored" and variant.head_reads == "output"
     return "factored" if factored and variant.temporal != "mean" else "output"

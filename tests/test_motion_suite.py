@@ -369,6 +369,31 @@ def test_two_heads_train_the_block_on_the_motion_loss_alone() -> None:
         torch.testing.assert_close(logits, F.log_softmax(content, -1) + F.log_softmax(motion, -1))
 
 
+def test_two_heads_raw_motion_head_reads_the_contribution_without_layernorm() -> None:
+    """``head_reads="two_heads_raw"``: factored readout whose motion head is its linear layer
+    on the pooled contribution (no LayerNorm); the block is still the identity at creation, so
+    the motion head starts at its bias, and its gradient to the block is bounded (a LayerNorm
+    on a zero contribution would multiply it by about 1/sqrt(eps))."""
+    args = motion_suite.parse_args(["--scratch-width=8", "--frames=3"])
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    variant = motion_suite.VARIANTS["pks4_motion_only_curl_two_heads_raw"]
+    torch.manual_seed(0)
+    model = motion_suite.build_model(args, "frozen", variant, 3, backbone)
+    assert model.readout == "factored" and isinstance(model.motion_head.norm, torch.nn.Identity)
+    assert isinstance(model.head.norm, torch.nn.LayerNorm)
+    x, y = torch.randn(4, 3, 8, 4, 4), torch.tensor([0, 1, 2, 0])
+    feats = motion_suite.Features("map", x, (4, 4))
+    out = model.forward_temporal(feats)
+    torch.testing.assert_close(out.x, x)
+    _, motion = model.forward_heads(feats, out)
+    torch.testing.assert_close(motion, model.motion_head.fc.bias.expand(4, 3))
+    pooled = model.pool(motion_suite._contribution(feats, out))
+    torch.testing.assert_close(motion, model.motion_head.fc(pooled))
+    motion_suite.head_loss(model, variant, "frozen", x, y, (4, 4)).backward()
+    grad = model.temporal.scan.out_proj.weight.grad
+    assert grad is not None and 0 < grad.abs().max() < 10
+
+
 def test_probe_reads_motion_from_the_cost_volume() -> None:
     """Features that move left or right by one cell: the probe separates them; the same
     features in a random order per clip leave it near chance."""
