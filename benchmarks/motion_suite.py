@@ -129,9 +129,11 @@ class Variant:
     scale of the features, however much smaller it is (down to LayerNorm's eps);
     ``"two_heads"``, the classifier's ``readout="factored"``: two linear heads, one on the
     module's input and one on its contribution, each trained on its own loss (so the content
-    cannot stand in for the motion), their log-probabilities summed; ``"two_heads_raw"``, the
-    same with no LayerNorm in the motion head: its linear layer reads the contribution as it
-    is, which is zero when the block is created, where a LayerNorm's gain is 1/sqrt(eps))."""
+    cannot stand in for the motion), their log-probabilities summed, the motion head with a
+    LayerNorm as first measured; ``"two_heads_raw"``, the classifier's factored readout as it
+    is (also what ``--readout factored`` gives): no LayerNorm in the motion head, whose input,
+    the contribution, is zero when the block is created, where a LayerNorm's gain is
+    1/sqrt(eps))."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -555,8 +557,10 @@ def build_model(
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
-    if variant.head_reads == "two_heads_raw":
-        model.motion_head.norm = nn.Identity()
+    if variant.head_reads == "two_heads":
+        # The motion head as first measured (a LayerNorm before the linear layer): the
+        # documented two_heads variants stay reproducible; two_heads_raw is the library's.
+        model.motion_head.norm = nn.LayerNorm(backbone.num_features)
     return model
 
 

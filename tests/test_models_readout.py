@@ -120,7 +120,28 @@ def test_parameter_groups_and_weight_decay_cover_the_motion_head():
     ids = {id(p) for p in groups["head"]}
     assert {id(p) for p in model.motion_head.parameters()} <= ids
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
-    assert {"motion_head.fc.bias", "motion_head.norm.weight"} <= model.no_weight_decay()
+    assert {"motion_head.fc.bias", "head.norm.weight"} <= model.no_weight_decay()
+    assert not [n for n, _ in model.named_parameters() if n.startswith("motion_head.norm")]
+
+
+def test_the_motion_head_reads_the_contribution_without_layernorm():
+    """The motion head is linear in the contribution (no LayerNorm, which would make it
+    scale-free and, on the zero contribution at creation, give its input a gain of about
+    1/sqrt(eps)); the content head keeps its LayerNorm."""
+    model, size = _model()
+    x = _clip(size)
+    feats = model.backbone(x)
+    out = model.temporal(feats.x, grid=feats.grid, num_prefix_tokens=feats.num_prefix_tokens)
+    delta = (out - feats.x).mean(dim=(1, 3, 4))
+    bias = model.motion_head.fc.bias
+    assert_close(model(x, return_heads=True)[1], model.motion_head.fc(delta))
+    assert_close(model.motion_head(2 * delta) - bias, 2 * (model.motion_head(delta) - bias))
+    assert isinstance(model.head.norm, torch.nn.LayerNorm)
+    fresh, _ = _model(perturb=False)
+    loss, _ = fresh.loss(x, torch.tensor([0, 3, 1]))
+    loss.backward()
+    grads = [p.grad for n, p in fresh.temporal.named_parameters() if p.grad is not None]
+    assert grads and max(g.abs().max() for g in grads) < 1  # 14 with a LayerNorm
 
 
 def test_stream_equals_forward():

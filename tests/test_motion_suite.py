@@ -381,6 +381,9 @@ def test_two_heads_raw_motion_head_reads_the_contribution_without_layernorm() ->
     model = motion_suite.build_model(args, "frozen", variant, 3, backbone)
     assert model.readout == "factored" and isinstance(model.motion_head.norm, torch.nn.Identity)
     assert isinstance(model.head.norm, torch.nn.LayerNorm)
+    first = motion_suite.VARIANTS["pks4_motion_only_curl_two_heads"]  # as first measured
+    ln = motion_suite.build_model(args, "frozen", first, 3, backbone).motion_head.norm
+    assert isinstance(ln, torch.nn.LayerNorm)
     x, y = torch.randn(4, 3, 8, 4, 4), torch.tensor([0, 1, 2, 0])
     feats = motion_suite.Features("map", x, (4, 4))
     out = model.forward_temporal(feats)

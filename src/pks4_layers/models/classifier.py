@@ -51,14 +51,21 @@ def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class ClassifierHead(nn.Module):
-    """LayerNorm, dropout, linear classifier on pooled clip features.
+    """LayerNorm (``norm=True``), dropout, linear classifier on pooled clip features.
+
+    ``norm=False`` leaves the LayerNorm out: the factored readout's motion head, whose input
+    (the temporal module's contribution) is exactly zero when the module is created. A
+    LayerNorm there has a gain of about ``1/sqrt(eps)``, so the first steps turn the direction
+    of a tiny contribution at random; in the motion suite that head started in some seeds only.
 
     Shapes: ``(B, C)`` -> ``(B, num_classes)``.
     """
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_classes: int, drop_rate: float = 0.0, *, norm: bool = True
+    ) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm: nn.Module = nn.LayerNorm(dim) if norm else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes)
 
@@ -117,8 +124,9 @@ class PKS4VideoClassifier(nn.Module):
     Readout. ``readout="output"`` (default): one head reads the temporal module's output, as
     above. ``readout="factored"``: two heads, each trained on its own cross-entropy
     (:meth:`loss`): a content head on the pooled backbone features (the module's input) and a
-    motion head on the pooled contribution of the temporal module (its output minus its input,
-    over the patch tokens for ViTs); the logits are :func:`combine_heads` of the two. Trained on
+    motion head, a linear layer without LayerNorm, on the pooled contribution of the temporal
+    module (its output minus its input, over the patch tokens for ViTs); the logits are
+    :func:`combine_heads` of the two. Trained on
     one loss, a head that reads the backbone's features fits a small training set from the
     content of its clips alone and the module's motion signal is never needed; with the motion
     head on its own loss, the module must carry the label itself (measured in the motion suite,
@@ -219,9 +227,12 @@ class PKS4VideoClassifier(nn.Module):
         dim = self.backbone.num_features
         self.temporal = create_temporal(temporal, dim, **(block_kwargs or {}))
         self.head = ClassifierHead(dim, num_classes, drop_rate)
-        # The factored readout's second head reads the temporal module's contribution.
+        # The factored readout's second head reads the temporal module's contribution, as it
+        # is: no LayerNorm, whose gain on the zero contribution at creation is 1/sqrt(eps).
         self.motion_head: Optional[ClassifierHead] = (
-            ClassifierHead(dim, num_classes, drop_rate) if readout == "factored" else None
+            ClassifierHead(dim, num_classes, drop_rate, norm=False)
+            if readout == "factored"
+            else None
         )
         self.backbone_frozen = False
         self.set_backbone_frozen(freeze_backbone)
