@@ -318,6 +318,12 @@ VARIANTS: dict[str, Variant] = {
         head_reads="two_heads_raw",
         **MOTION_ONLY_CURL,
     ),
+    "pks4_motion_only_curl_two_heads_raw_lr_x3": _pks4(
+        "the same with the block's learning rate x3 (it has not fit in 8 epochs)",
+        block_lr_scale=3.0,
+        head_reads="two_heads_raw",
+        **MOTION_ONLY_CURL,
+    ),
     "pks4_no_difference_unreduced": _pks4(
         "unreduced cost volume, no frame-difference cue (the scan reads the features)",
         corr_dim=None,
