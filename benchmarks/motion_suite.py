@@ -63,7 +63,7 @@ from pks4_layers.data import make_benchmark, read_frames
 from pks4_layers.data.benchmark import TASKS
 from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
-from pks4_layers.models import PKS4VideoClassifier, create_temporal
+from pks4_layers.models import PRESETS, PKS4VideoClassifier, create_temporal, resolve_preset
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
 from pks4_layers.models.classifier import READOUTS, ClassifierHead, combine_heads, factored_loss
 from pks4_layers.models.flops import count_flops
@@ -133,13 +133,15 @@ class Variant:
     LayerNorm as first measured; ``"two_heads_raw"``, the classifier's factored readout as it
     is (also what ``--readout factored`` gives): no LayerNorm in the motion head, whose input,
     the contribution, is zero when the block is created, where a LayerNorm's gain is
-    1/sqrt(eps))."""
+    1/sqrt(eps)). ``preset``: the classifier's (``None``: its default, by regime; the
+    ablations of PKS4Block's defaults name ``"features"``)."""
 
     temporal: str
     block_kwargs: tuple[tuple[str, Any], ...] = ()
     block_lr_scale: float = 1.0
     note: str = ""
     head_reads: str = "output"
+    preset: Optional[str] = None
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.block_kwargs)
@@ -153,11 +155,16 @@ CONTENT_DROP = 0.5
 
 
 def _pks4(
-    note: str, block_lr_scale: float = 1.0, head_reads: str = "output", **kwargs: Any
+    note: str,
+    block_lr_scale: float = 1.0,
+    head_reads: str = "output",
+    preset: Optional[str] = "features",
+    **kwargs: Any,
 ) -> Variant:
     if head_reads not in HEAD_READS:
         raise ValueError(f"head_reads: expected one of {list(HEAD_READS)}, got {head_reads!r}")
-    return Variant("pks4", tuple(sorted(kwargs.items())), block_lr_scale, note, head_reads)
+    items = tuple(sorted(kwargs.items()))
+    return Variant("pks4", items, block_lr_scale, note, head_reads, preset)
 
 
 # The scan reads a prior of cosine similarities alone (unreduced cost volume, its displacement
@@ -190,7 +197,12 @@ VARIANTS: dict[str, Variant] = {
     "scan": Variant("scan", note="PKS4Block without its kinematic prior"),
     "prior_adapter": Variant("prior_adapter", note="the kinematic prior fed to the adapter"),
     "st_scan": Variant("st_scan", note="VideoMamba: one bidirectional scan over T*H*W tokens"),
-    "pks4": _pks4("PKS4Block defaults"),
+    "pks4": _pks4("PKS4VideoClassifier's defaults (preset by regime)", preset=None),
+    "pks4_preset_features": _pks4("preset features: PKS4Block's defaults, one head"),
+    "pks4_preset_motion_only": _pks4(
+        "preset motion_only: content-free prior with the curl cue, factored readout",
+        preset="motion_only",
+    ),
     # where the prior enters the scan (the default: delta/B/C and the output)
     "pks4_selection_only": _pks4("prior into delta/B/C only", prior_targets=("selection",)),
     "pks4_stream": _pks4(
@@ -390,10 +402,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument(
         "--readout",
-        choices=READOUTS,
-        default="output",
+        choices=("auto", *READOUTS),
+        default="auto",
         help="the classifiers' readout (PKS4VideoClassifier's readout) for every model whose "
-        "head reads the module's output; the frame average keeps one head",
+        "head reads the module's output (auto: the classifier's preset's); the frame average "
+        "keeps one head",
     )
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--event-frames", type=int, default=16, help="frames of the event task")
@@ -560,6 +573,7 @@ def build_model(
         freeze_backbone=regime == "frozen",
         block_kwargs=module_kwargs(args, variant, backbone.num_features),
         readout=readout_of(args, variant),
+        preset=variant.preset,
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
@@ -570,14 +584,24 @@ def build_model(
     return model
 
 
-def readout_of(args: argparse.Namespace, variant: Variant) -> str:
-    """The classifier's readout: ``"factored"`` for the ``two_heads`` variants, and with
-    ``--readout factored`` for every model whose head reads the module's output (the frame
-    average has no contribution to read: it keeps one head)."""
+def readout_of(args: argparse.Namespace, variant: Variant) -> Optional[str]:
+    """The classifier's readout: ``"factored"`` for the ``two_heads`` variants; for every model
+    whose head reads the module's output, ``--readout``'s (the frame average, with no
+    contribution to read, keeps one head), or with ``auto`` ``None``: the preset's."""
     if variant.head_reads in FACTORED_READS:
         return "factored"
-    factored = args.readout == "factored" and variant.head_reads == "output"
-    return "factored" if factored and variant.temporal != "mean" else "output"
+    if variant.head_reads != "output" or variant.temporal == "mean":
+        return "output"
+    return None if args.readout == "auto" else args.readout
+
+
+def preset_kwargs(variant: Variant, regime: str) -> dict[str, Any]:
+    """The block arguments of the classifier's preset for ``variant`` in ``regime`` (what
+    :class:`PKS4VideoClassifier` adds under :func:`module_kwargs`; none but for PKS4)."""
+    if variant.temporal != "pks4":
+        return {}
+    name = resolve_preset(variant.preset, temporal="pks4", freeze_backbone=regime == "frozen")
+    return dict(PRESETS[name].block_kwargs)
 
 
 def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dict[str, Any]:
@@ -597,7 +621,10 @@ def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dic
 
 @functools.cache
 def pks4_params(width: int, block_kwargs_json: str) -> int:
-    """Parameters of the suite's PKS4 block at ``width`` (the budget every peer is sized to)."""
+    """Parameters of the suite's PKS4 block at ``width`` (the budget every peer is sized to):
+    PKS4Block's defaults (the preset ``features``) in every regime. After a frozen backbone
+    the classifier's default, the preset ``motion_only``, is about 90 times smaller at the
+    backbone's width: the peers keep the larger budget, which can only help them."""
     kwargs = json.loads(block_kwargs_json)
     if kwargs.get("inner_dim", 0) >= width:
         kwargs.pop("inner_dim")
@@ -857,7 +884,8 @@ def temporal_costs(
     backward per token (frame x location)."""
     width, side = regime_features(args, regime)
     torch.manual_seed(0)
-    module = create_temporal(variant.temporal, width, **module_kwargs(args, variant, width))
+    kwargs = {**preset_kwargs(variant, regime), **module_kwargs(args, variant, width)}
+    module = create_temporal(variant.temporal, width, **kwargs)
     module.train()
     x = torch.randn(args.batch_size, args.frames, width, side, side)
     device = torch.device("cpu")
@@ -1354,6 +1382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             **VARIANTS[m].kwargs(),
             "block_lr_scale": VARIANTS[m].block_lr_scale,
             "head_reads": VARIANTS[m].head_reads,
+            "preset": VARIANTS[m].preset,
             "note": VARIANTS[m].note,
         }
         for m in args.models

@@ -252,7 +252,9 @@ def test_frozen_backbone(name, temporal):
         torch.testing.assert_close(v, stats[k], rtol=0, atol=0, msg=k)
     groups = model.parameter_groups()
     assert groups["backbone"] == []
-    assert len(groups["head"]) == 4
+    # After a frozen backbone PKS4 gets the preset motion_only: a second, LayerNorm-free head.
+    assert model.preset == ("motion_only" if temporal == "pks4" else "features")
+    assert len(groups["head"]) == 4 + (2 if temporal == "pks4" else 0)
     assert len(groups["temporal"]) == len(list(model.temporal.parameters()))
 
     model.set_backbone_frozen(False)

@@ -101,6 +101,7 @@ def _tiny_model(temporal: str, freeze: bool = False, frames: int = 4) -> PKS4Vid
         temporal=temporal,
         freeze_backbone=freeze,
         block_kwargs={"d_state": 8} if temporal == "pks4" else None,
+        preset="features",  # the same block frozen or not (the default differs by regime)
     )
 
 

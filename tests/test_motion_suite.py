@@ -490,7 +490,7 @@ def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
     argv = [
         "--regimes=frozen,scratch,finetune",
         "--tasks=onset",
-        f"--models=mean,{','.join(peers)},pks4",
+        f"--models=mean,{','.join(peers)},pks4,pks4_preset_features",
         "--seeds=0",
         "--epochs=1",
         "--frames=4",
@@ -509,9 +509,12 @@ def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
     assert motion_suite.main(argv) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     runs = {(r["regime"], r["model"]): r for r in result["runs"]}
-    assert len(runs) == 3 * (len(peers) + 2)
+    assert len(runs) == 3 * (len(peers) + 3)
     for regime in ("frozen", "scratch", "finetune"):
-        budget = runs[(regime, "pks4")]["params_temporal"]
+        # The peers' budget is PKS4Block's defaults (the classifier's default but after a
+        # frozen backbone, where its preset motion_only is smaller).
+        budget = runs[(regime, "pks4_preset_features")]["params_temporal"]
+        assert (budget == runs[(regime, "pks4")]["params_temporal"]) == (regime != "frozen")
         for peer in peers:
             run = runs[(regime, peer)]
             assert abs(run["params_temporal"] / budget - 1) < 0.10, (regime, peer)

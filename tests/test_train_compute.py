@@ -71,7 +71,10 @@ def test_step_memory_parts(frozen):
 
 
 def test_unfreezing_the_backbone_costs_flops_and_memory(frozen):
-    unfrozen = compute_budget(small_config(freeze_backbone=False), train_clips=100)
+    # The same architecture (a trained backbone would get the preset features by default).
+    unfrozen = compute_budget(
+        small_config(freeze_backbone=False, preset="motion_only"), train_clips=100
+    )
     assert unfrozen.params_trainable == unfrozen.params_total
     assert unfrozen.gflops_forward == pytest.approx(frozen.gflops_forward)
     assert unfrozen.gflops_train_per_clip == pytest.approx(3 * unfrozen.gflops_forward)

@@ -3,6 +3,7 @@
 from .backbone import Features, FrameBackbone, create_backbone
 from .classifier import ClassifierHead, PKS4VideoClassifier, combine_heads, factored_loss
 from .flops import FlopCount, ModelReport, count_flops, model_report
+from .presets import PRESETS, Preset, resolve_preset
 from .pretrained import efficientnet_lite0
 from .temporal_heads import (
     TEMPORAL_KINDS,
@@ -15,6 +16,7 @@ from .temporal_heads import (
 from .vit_insertion import TemporalBeforeBlock, insert_temporal
 
 __all__ = [
+    "PRESETS",
     "TEMPORAL_KINDS",
     "ClassifierHead",
     "Features",
@@ -22,6 +24,7 @@ __all__ = [
     "FrameBackbone",
     "ModelReport",
     "PKS4VideoClassifier",
+    "Preset",
     "TemporalBeforeBlock",
     "TemporalConvBlock",
     "TemporalIdentity",
@@ -34,5 +37,6 @@ __all__ = [
     "inner_dim_for_params",
     "insert_temporal",
     "model_report",
+    "resolve_preset",
     "temporal_num_params",
 ]

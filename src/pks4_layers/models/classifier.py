@@ -14,6 +14,7 @@ from ..layers import PKS4Block
 from ..layers.stream_state import PKS4StreamState, StreamState
 from ..layers.weight_decay import no_weight_decay_names
 from .backbone import Features, FrameBackbone, create_backbone
+from .presets import PRESETS, resolve_preset
 from .temporal_heads import create_temporal
 
 __all__ = [
@@ -132,6 +133,15 @@ class PKS4VideoClassifier(nn.Module):
     head on its own loss, the module must carry the label itself (measured in the motion suite,
     docs/motion_suite.md). ``forward(x, return_heads=True)`` gives both heads' logits.
 
+    Presets (:data:`~pks4_layers.models.PRESETS`). A PKS4 classifier after a frozen backbone
+    builds ``preset="motion_only"``: the block's scan reads the kinematic prior alone (cosine
+    cost volume, displacement, its change, curl and divergence) and the readout is factored.
+    Any other builds ``"features"``: the block's defaults and one head. Measured in the motion
+    suite: after the frozen backbone the default block fits the content of its training clips
+    and stays near chance on motion; from scratch the content-free block has not fit. Give
+    ``preset`` to choose; ``block_kwargs`` and ``readout`` override the preset's. The preset is
+    fixed when the model is built (:meth:`set_backbone_frozen` does not change it).
+
     Args:
         backbone: an image model (see :class:`FrameBackbone`), a :class:`FrameBackbone`, or a
             name for :func:`create_backbone`.
@@ -151,7 +161,10 @@ class PKS4VideoClassifier(nn.Module):
         pretrained: with a backbone name, passed to :func:`create_backbone`.
         token_pool: ``"avg"`` or ``"prefix"``, the tokens pooled for ViT backbones.
         readout: ``"output"`` or ``"factored"`` (see above; not with ``temporal="mean"``,
-            which adds nothing for a motion head to read).
+            which adds nothing for a motion head to read); ``None``: the preset's.
+        preset: ``"features"`` or ``"motion_only"`` (see above; ``"motion_only"`` with
+            ``temporal="pks4"`` only); ``None``: ``"motion_only"`` for PKS4 with
+            ``freeze_backbone=True``, ``"features"`` otherwise.
 
     Streaming (online inference, constant memory): ``state = model.init_stream(B)``, then
     ``logits, state = model.step(chunk, state)`` for each chunk ``(B, T_chunk, 3, H, W)`` of any
@@ -179,9 +192,14 @@ class PKS4VideoClassifier(nn.Module):
         block_kwargs: Optional[dict] = None,
         pretrained: bool = False,
         token_pool: Literal["avg", "prefix"] = "avg",
-        readout: Literal["output", "factored"] = "output",
+        readout: Optional[Literal["output", "factored"]] = None,
+        preset: Optional[str] = None,
     ) -> None:
         super().__init__()
+        # The named configuration (block arguments, readout); the user's arguments win.
+        preset = resolve_preset(preset, temporal=temporal, freeze_backbone=freeze_backbone)
+        if readout is None:
+            readout = PRESETS[preset].readout if temporal != "mean" else "output"
         # What rebuilds this model (save_pretrained): its arguments and the backbone's name.
         self.init_config: dict = {
             "backbone": _backbone_spec(backbone, pretrained),
@@ -193,6 +211,7 @@ class PKS4VideoClassifier(nn.Module):
             "block_kwargs": dict(block_kwargs or {}),
             "token_pool": token_pool,
             "readout": readout,
+            "preset": preset,
         }
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
@@ -224,8 +243,10 @@ class PKS4VideoClassifier(nn.Module):
         self.temporal_kind = temporal
         self.token_pool = token_pool
         self.readout = readout
+        self.preset = preset
         dim = self.backbone.num_features
-        self.temporal = create_temporal(temporal, dim, **(block_kwargs or {}))
+        kwargs = {**PRESETS[preset].block_kwargs, **(block_kwargs or {})}
+        self.temporal = create_temporal(temporal, dim, **kwargs)
         self.head = ClassifierHead(dim, num_classes, drop_rate)
         # The factored readout's second head reads the temporal module's contribution, as it
         # is: no LayerNorm, whose gain on the zero contribution at creation is 1/sqrt(eps).

@@ -118,7 +118,9 @@ class ModelReport:
         return self.format()
 
 
-def _num_params(module: nn.Module, trainable_only: bool = False) -> int:
+def _num_params(module: Optional[nn.Module], trainable_only: bool = False) -> int:
+    if module is None:
+        return 0
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -393,11 +395,13 @@ def model_report(
             f_temporal, feats = count_flops(model.forward_temporal, feats)
             pooled = model.pool(feats)
             f_head, _ = count_flops(model.forward_head, pooled)
+            if model.motion_head is not None:  # the factored readout's second head
+                f_head += count_flops(model.motion_head, pooled)[0]
     finally:
         model.train(was_training)
     p_backbone = _num_params(model.backbone)
     p_temporal = _num_params(model.temporal)
-    p_head = _num_params(model.head)
+    p_head = _num_params(model.head) + _num_params(model.motion_head)
     return ModelReport(
         params_total=_num_params(model),
         params_trainable=_num_params(model, trainable_only=True),

@@ -127,6 +127,7 @@ def from_pretrained(
         block_kwargs=config["block_kwargs"],
         token_pool=config["token_pool"],
         readout=config.get("readout", "output"),  # saved before 0.3.0: one head
+        preset=config.get("preset", "features"),  # saved before 0.3.0: the block's defaults
     )
     model.init_config["backbone"] = config.get("backbone")
     state = _safetensors().load_file(str(Path(directory) / WEIGHTS_NAME))
@@ -171,7 +172,9 @@ def from_checkpoint(path: Union[str, Path]) -> nn.Module:
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict) or "model" not in state:
         raise ValueError(f"path: expected a pks4-train checkpoint, got {str(path)!r} without one")
-    cfg = config_from_mapping(state["config"])
+    # A checkpoint's config holds every key of its version's TrainConfig: one without
+    # "preset" was written before 0.3.0, by the block's defaults.
+    cfg = config_from_mapping({"preset": "features", **state["config"]})
     classes = state.get("classes") or []
     num_classes = len(classes) or state["model"]["head.fc.weight"].shape[0]
     model = build_model(cfg, num_classes, random_weights=True)

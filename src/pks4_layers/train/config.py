@@ -19,6 +19,7 @@ from typing import Any, NoReturn, Optional, Sequence
 from ..data.benchmark import TASKS as BENCHMARK_TASKS
 from ..layers.temporal_scan import PRIOR_TARGETS
 from ..models.classifier import READOUTS
+from ..models.presets import PRESETS
 from ..models.temporal_heads import TEMPORAL_KINDS
 from .errors import (
     MissingPathError,
@@ -112,11 +113,19 @@ class TrainConfig:
     )
     drop_rate: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
     readout: str = field(
-        default="output",
+        default="auto",
         metadata={
-            "help": f"one of {READOUTS}: one head on the temporal module's output, or a content "
-            "head on the backbone's features and a motion head on the module's contribution, "
-            "each on its own loss (not with temporal mean)"
+            "help": f"auto (the preset's) or one of {READOUTS}: one head on the temporal "
+            "module's output, or a content head on the backbone's features and a motion head on "
+            "the module's contribution, each on its own loss (not with temporal mean)"
+        },
+    )
+    preset: str = field(
+        default="auto",
+        metadata={
+            "help": f"auto or one of {tuple(PRESETS)}: the PKS4 block's named configuration "
+            "and readout (auto: motion_only for pks4 with a frozen backbone, features "
+            "otherwise; prior_targets, inner_dim and readout override it)"
         },
     )
     prior_targets: str = field(
@@ -169,7 +178,8 @@ class TrainConfig:
             "sampling": ("segment", "dense"),
             "benchmark_task": tuple(BENCHMARK_TASKS),
             "on_bad_video": BAD_VIDEO_MODES,
-            "readout": READOUTS,
+            "readout": ("auto", *READOUTS),
+            "preset": ("auto", *PRESETS),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -204,6 +214,10 @@ class TrainConfig:
             raise UsageError(
                 "readout", "output with temporal mean (it adds nothing to read)", repr(self.readout)
             )
+        if self.preset not in ("auto", "features") and self.temporal != "pks4":
+            raise UsageError(
+                "preset", "auto or features unless temporal is pks4", repr(self.preset)
+            )
         if self.inner_dim < 0:
             raise UsageError("inner_dim", ">= 0", str(self.inner_dim))
         if self.inner_dim and self.temporal in ("mean", "tconv"):
@@ -223,6 +237,14 @@ class TrainConfig:
     def prior_target_list(self) -> list[str]:
         """``prior_targets`` as a list of names (empty: the block's default)."""
         return [t.strip() for t in self.prior_targets.split(",") if t.strip()]
+
+    def readout_arg(self) -> Optional[str]:
+        """``readout`` for :class:`~pks4_layers.models.PKS4VideoClassifier` (``None``: auto)."""
+        return None if self.readout == "auto" else self.readout
+
+    def preset_arg(self) -> Optional[str]:
+        """``preset`` for :class:`~pks4_layers.models.PKS4VideoClassifier` (``None``: auto)."""
+        return None if self.preset == "auto" else self.preset
 
     def block_kwargs(self) -> dict[str, Any]:
         """Arguments of the temporal module that the config sets (none: its defaults)."""

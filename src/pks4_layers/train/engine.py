@@ -346,7 +346,8 @@ def build_model(cfg: TrainConfig, num_classes: int, random_weights: bool = False
             drop_rate=cfg.drop_rate,
             block_kwargs=cfg.block_kwargs(),
             pretrained=pretrained,
-            readout=cfg.readout,
+            readout=cfg.readout_arg(),
+            preset=cfg.preset_arg(),
         )
     except Exception as err:
         usage = _weights_file_error(cfg, err) if isinstance(pretrained, str) else None
@@ -494,6 +495,8 @@ def train_one_epoch(
         steps = min(steps, cfg.max_steps_per_epoch)
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, count, skipped
     desc = f"epoch {epoch + 1}/{cfg.epochs} train"
+    # The readout the model was built with (the preset's, unless the config names one).
+    is_factored = getattr(getattr(model, "module", model), "readout", "output") == "factored"
     batches = iter(loader)
     with Progress(steps, desc, enabled=cfg.progress and env.is_main) as bar:
         for step in range(steps):
@@ -517,9 +520,9 @@ def train_one_epoch(
                 with sync:
                     if clips is not None:
                         with _autocast(env.device, amp_dtype):
-                            factored = {"return_heads": True} if cfg.readout == "factored" else {}
+                            factored = {"return_heads": True} if is_factored else {}
                             logits = model(clips, **factored)
-                        if cfg.readout == "factored":
+                        if is_factored:
                             # Each head on its own loss (the wrapper ran, so DDP's hooks did).
                             loss = factored_loss(*logits, labels)
                             logits = combine_heads(*logits)

@@ -1,0 +1,77 @@
+"""Named configurations of a PKS4 classifier: the PKS4 block's arguments and the readout.
+
+Which design reads motion best depends on whether the backbone learns. After a frozen
+backbone, the default block (its scan reads the features, the kinematic prior steers it) fits
+a small training set from the content of the clips and stays near chance on the motion tasks
+of the motion suite (docs/motion_suite.md), like every peer module; a block whose scan reads
+the prior alone, computed from cosine similarities between neighbouring frames, with the
+factored readout (a motion head trained on the block's contribution alone), reads them.
+Trained from scratch, that block has not fit in the suite's budget, and the default block is
+no worse.
+
+``PKS4VideoClassifier(preset=...)`` builds one of :data:`PRESETS` by name;
+:func:`resolve_preset` gives the name a classifier uses when none is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+__all__ = ["PRESETS", "Preset", "resolve_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration: ``block_kwargs`` of :class:`~pks4_layers.PKS4Block` (under the
+    user's, which win), the classifier's ``readout``, and what it is for."""
+
+    block_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    readout: str = "output"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_kwargs", MappingProxyType(dict(self.block_kwargs)))
+
+
+#: The presets by name: ``"features"`` and ``"motion_only"`` (read-only).
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "features": Preset(
+            {},
+            "output",
+            "PKS4Block's defaults, one head on the block's output: the scan reads the features "
+            "and the kinematic prior steers it (for a backbone that trains with the block)",
+        ),
+        "motion_only": Preset(
+            {
+                "scan_input": "prior",
+                "corr_dim": None,
+                "cues": ("cost", "displacement", "change", "curl"),
+            },
+            "factored",
+            "the scan reads the kinematic prior alone (cosine cost volume of the features, "
+            "soft-argmax displacement, its change, curl and divergence: no learnt function of "
+            "the content), and a motion head reads the block's contribution on its own loss "
+            "(for a frozen backbone)",
+        ),
+    }
+)
+
+
+def resolve_preset(preset: Optional[str], *, temporal: str, freeze_backbone: bool) -> str:
+    """The preset a classifier builds: ``preset`` itself, checked, or with ``None``
+    ``"motion_only"`` for a PKS4 block after a frozen backbone and ``"features"`` otherwise
+    (every temporal module but PKS4 takes ``"features"`` only: no block arguments, one head
+    by default)."""
+    if preset is None:
+        return "motion_only" if temporal == "pks4" and freeze_backbone else "features"
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected None or one of {list(PRESETS)}, got {preset!r}")
+    if temporal != "pks4" and PRESETS[preset].block_kwargs:
+        raise ValueError(
+            f"preset: expected None or 'features' with temporal={temporal!r} (its arguments "
+            f"are PKS4Block's), got {preset!r}"
+        )
+    return preset
