@@ -138,9 +138,11 @@ class PKS4VideoClassifier(nn.Module):
     cost volume, displacement, its change, curl and divergence) and the readout is factored.
     Any other builds ``"features"``: the block's defaults and one head. Measured in the motion
     suite: after the frozen backbone the default block fits the content of its training clips
-    and stays near chance on motion; from scratch the content-free block has not fit. Give
-    ``preset`` to choose; ``block_kwargs`` and ``readout`` override the preset's. The preset is
-    fixed when the model is built (:meth:`set_backbone_frozen` does not change it).
+    and stays near chance on motion, where the content-free block reads it (given 24 epochs);
+    with a backbone that trains, the content-free block is not yet measured ahead in every
+    regime (see ``pks4_layers.models.presets``). Give ``preset`` to choose; ``block_kwargs``
+    and ``readout`` override the preset's. The preset is fixed when the model is built
+    (:meth:`set_backbone_frozen` does not change it).
 
     Args:
         backbone: an image model (see :class:`FrameBackbone`), a :class:`FrameBackbone`, or a
