@@ -101,3 +101,28 @@ def test_from_checkpoint_rebuilds_a_trained_model(tmp_path: Path):
     with pytest.raises(ValueError, match=r"expected a pks4-layers checkpoint dict with a 'model'"):
         save_checkpoint(tmp_path / "other.pt", {"weights": torch.zeros(1)})
         PKS4VideoClassifier.from_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_checkpoint_written_before_presets_rebuilds_the_block_defaults(tmp_path: Path):
+    """A pks4-train checkpoint of 0.2 (its config has no "preset"; the backbone frozen by
+    default) holds the block's defaults and one head: it is rebuilt as that, not as today's
+    default for a frozen backbone (the preset motion_only)."""
+    pytest.importorskip("timm")
+    from pks4_layers.train import parse_args
+    from pks4_layers.train.checkpoint import save_checkpoint
+    from pks4_layers.train.engine import build_model
+
+    argv = ["--backbone", "resnet18", "--num-frames", "4", "--preset", "features"]
+    cfg, _ = parse_args(argv)
+    model = _opened(build_model(cfg, num_classes=3, random_weights=True))
+    config = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
+    config["readout"] = "output"  # what 0.2 wrote
+    path = tmp_path / "checkpoint_best.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": config, "classes": []})
+    loaded = PKS4VideoClassifier.from_checkpoint(path).eval()
+    assert loaded.preset == "features" and loaded.motion_head is None
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    fresh, _ = parse_args(["--backbone", "resnet18", "--num-frames", "4"])
+    assert build_model(fresh, num_classes=3, random_weights=True).preset == "motion_only"
