@@ -63,7 +63,12 @@ from pks4_layers.data import make_benchmark, read_frames
 from pks4_layers.data.benchmark import TASKS
 from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
-from pks4_layers.models import PRESETS, PKS4VideoClassifier, create_temporal, resolve_preset
+from pks4_layers.models import (
+    PKS4VideoClassifier,
+    create_temporal,
+    preset_block_kwargs,
+    resolve_preset,
+)
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
 from pks4_layers.models.classifier import READOUTS, ClassifierHead, combine_heads, factored_loss
 from pks4_layers.models.flops import count_flops
@@ -595,15 +600,6 @@ def readout_of(args: argparse.Namespace, variant: Variant) -> Optional[str]:
     return None if args.readout == "auto" else args.readout
 
 
-def preset_kwargs(variant: Variant, regime: str) -> dict[str, Any]:
-    """The block arguments of the classifier's preset for ``variant`` in ``regime`` (what
-    :class:`PKS4VideoClassifier` adds under :func:`module_kwargs`; none but for PKS4)."""
-    if variant.temporal != "pks4":
-        return {}
-    name = resolve_preset(variant.preset, temporal="pks4", freeze_backbone=regime == "frozen")
-    return dict(PRESETS[name].block_kwargs)
-
-
 def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dict[str, Any]:
     """The temporal module's arguments at the backbone's ``width``: the variant's, with
     ``--block-kwargs`` for PKS4; a peer without its own ``inner_dim`` gets the one that gives it
@@ -884,7 +880,11 @@ def temporal_costs(
     backward per token (frame x location)."""
     width, side = regime_features(args, regime)
     torch.manual_seed(0)
-    kwargs = {**preset_kwargs(variant, regime), **module_kwargs(args, variant, width)}
+    # The module as the regime's classifier builds it: its preset's arguments under the run's.
+    preset = resolve_preset(
+        variant.preset, temporal=variant.temporal, freeze_backbone=regime == "frozen"
+    )
+    kwargs = preset_block_kwargs(preset, module_kwargs(args, variant, width))
     module = create_temporal(variant.temporal, width, **kwargs)
     module.train()
     x = torch.randn(args.batch_size, args.frames, width, side, side)

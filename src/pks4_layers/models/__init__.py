@@ -3,7 +3,7 @@
 from .backbone import Features, FrameBackbone, create_backbone
 from .classifier import ClassifierHead, PKS4VideoClassifier, combine_heads, factored_loss
 from .flops import FlopCount, ModelReport, count_flops, model_report
-from .presets import PRESETS, Preset, resolve_preset
+from .presets import PRESETS, Preset, preset_block_kwargs, resolve_preset
 from .pretrained import efficientnet_lite0
 from .temporal_heads import (
     TEMPORAL_KINDS,
@@ -37,6 +37,7 @@ __all__ = [
     "inner_dim_for_params",
     "insert_temporal",
     "model_report",
+    "preset_block_kwargs",
     "resolve_preset",
     "temporal_num_params",
 ]

@@ -14,7 +14,7 @@ from ..layers import PKS4Block
 from ..layers.stream_state import PKS4StreamState, StreamState
 from ..layers.weight_decay import no_weight_decay_names
 from .backbone import Features, FrameBackbone, create_backbone
-from .presets import PRESETS, resolve_preset
+from .presets import PRESETS, preset_block_kwargs, resolve_preset
 from .temporal_heads import create_temporal
 
 __all__ = [
@@ -201,7 +201,7 @@ class PKS4VideoClassifier(nn.Module):
         # The named configuration (block arguments, readout); the user's arguments win.
         preset = resolve_preset(preset, temporal=temporal, freeze_backbone=freeze_backbone)
         if readout is None:
-            readout = PRESETS[preset].readout if temporal != "mean" else "output"
+            readout = PRESETS[preset].readout  # "output" for every kind but PKS4
         # What rebuilds this model (save_pretrained): its arguments and the backbone's name.
         self.init_config: dict = {
             "backbone": _backbone_spec(backbone, pretrained),
@@ -247,8 +247,7 @@ class PKS4VideoClassifier(nn.Module):
         self.readout = readout
         self.preset = preset
         dim = self.backbone.num_features
-        kwargs = {**PRESETS[preset].block_kwargs, **(block_kwargs or {})}
-        self.temporal = create_temporal(temporal, dim, **kwargs)
+        self.temporal = create_temporal(temporal, dim, **preset_block_kwargs(preset, block_kwargs))
         self.head = ClassifierHead(dim, num_classes, drop_rate)
         # The factored readout's second head reads the temporal module's contribution, as it
         # is: no LayerNorm, whose gain on the zero contribution at creation is 1/sqrt(eps).

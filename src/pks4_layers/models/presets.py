@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
-__all__ = ["PRESETS", "Preset", "resolve_preset"]
+__all__ = ["PRESETS", "Preset", "preset_block_kwargs", "resolve_preset"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
         ),
     }
 )
+
+
+def preset_block_kwargs(
+    preset: str, block_kwargs: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
+    """The temporal module's arguments under ``preset``: the preset's, with the user's
+    ``block_kwargs`` over them."""
+    return {**PRESETS[preset].block_kwargs, **(block_kwargs or {})}
 
 
 def resolve_preset(preset: Optional[str], *, temporal: str, freeze_backbone: bool) -> str:

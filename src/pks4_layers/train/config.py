@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Optional, Sequence
 from ..data.benchmark import TASKS as BENCHMARK_TASKS
 from ..layers.temporal_scan import PRIOR_TARGETS
 from ..models.classifier import READOUTS
-from ..models.presets import PRESETS
+from ..models.presets import PRESETS, resolve_preset
 from ..models.temporal_heads import TEMPORAL_KINDS
 from .errors import (
     MissingPathError,
@@ -214,10 +214,14 @@ class TrainConfig:
             raise UsageError(
                 "readout", "output with temporal mean (it adds nothing to read)", repr(self.readout)
             )
-        if self.preset not in ("auto", "features") and self.temporal != "pks4":
+        try:  # the classifier's rule (a preset with block arguments is PKS4's)
+            resolve_preset(
+                self.preset_arg(), temporal=self.temporal, freeze_backbone=self.freeze_backbone
+            )
+        except ValueError:
             raise UsageError(
                 "preset", "auto or features unless temporal is pks4", repr(self.preset)
-            )
+            ) from None
         if self.inner_dim < 0:
             raise UsageError("inner_dim", ">= 0", str(self.inner_dim))
         if self.inner_dim and self.temporal in ("mean", "tconv"):
