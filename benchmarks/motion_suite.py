@@ -73,6 +73,7 @@ from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
 from pks4_layers.models.classifier import READOUTS, ClassifierHead, combine_heads, factored_loss
 from pks4_layers.models.flops import count_flops
 from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, temporal_num_params
+from pks4_layers.train.optim import optimizer_param_groups
 
 # suite_stats lives beside this script (benchmarks/ is not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -634,19 +635,11 @@ def _optimizer(
     block_lr_scale: float,
     backbone_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    exempt = model.no_weight_decay()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = block_lr_scale if name.startswith("temporal.") else 1.0
-        if name.startswith("backbone."):
-            scale = backbone_lr_scale
-        # No decay on what the model names (biases, norms, A_log, D, time embeddings).
-        decay = 0.0 if name in exempt else weight_decay
-        groups.setdefault((lr * scale, decay), []).append(p)
+    # pks4-train's groups: no decay on what the model names (biases, norms, A_log, D, time
+    # embeddings), a rate per part.
+    scales = {"temporal": block_lr_scale, "backbone": backbone_lr_scale}
     return torch.optim.AdamW(
-        [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
+        optimizer_param_groups(model, lr=lr, weight_decay=weight_decay, lr_scales=scales)
     )
 
 

@@ -141,6 +141,16 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=16, metadata={"help": "clips per step and process"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    backbone_lr_scale: float = field(
+        default=0.1,
+        metadata={
+            "help": "the backbone's learning rate over lr, where it trains (freeze_backbone "
+            "false or tune_last_blocks; the motion suite's fine-tuned protocol)"
+        },
+    )
+    temporal_lr_scale: float = field(
+        default=1.0, metadata={"help": "the temporal module's learning rate over lr"}
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length"})
     min_lr_ratio: float = field(default=0.01, metadata={"help": "cosine floor, x peak lr"})
@@ -190,8 +200,9 @@ class TrainConfig:
         for name in positive + ("eval_clips", "eval_crops", "eval_every", "frame_stride"):
             if getattr(self, name) < 1:
                 raise UsageError(name, ">= 1", str(getattr(self, name)))
-        if self.lr <= 0:
-            raise UsageError("lr", "> 0", str(self.lr))
+        for name in ("lr", "backbone_lr_scale", "temporal_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise UsageError(name, "> 0", str(getattr(self, name)))
         nonnegative = ("warmup_epochs", "grad_clip", "weight_decay", "drop_rate", "workers")
         for name in nonnegative + ("global_batch", "max_steps_per_epoch", "tune_last_blocks"):
             if getattr(self, name) < 0:
@@ -241,6 +252,10 @@ class TrainConfig:
     def prior_target_list(self) -> list[str]:
         """``prior_targets`` as a list of names (empty: the block's default)."""
         return [t.strip() for t in self.prior_targets.split(",") if t.strip()]
+
+    def lr_scales(self) -> dict[str, float]:
+        """The learning rate per part of the classifier over ``lr`` (the head's is ``lr``)."""
+        return {"backbone": self.backbone_lr_scale, "temporal": self.temporal_lr_scale}
 
     def readout_arg(self) -> Optional[str]:
         """``readout`` for :class:`~pks4_layers.models.PKS4VideoClassifier` (``None``: auto)."""

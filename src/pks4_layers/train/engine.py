@@ -46,6 +46,7 @@ from .distributed import (
 )
 from .errors import MissingPathError, UsageError, did_you_mean, first_sentence, one_line
 from .metrics import plot_curves, topk_correct, write_metrics
+from .optim import optimizer_param_groups, weight_decay_groups  # noqa: F401 (re-exported)
 from .progress import Progress
 from .schedule import warmup_cosine
 
@@ -415,21 +416,6 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def weight_decay_groups(
-    model: nn.Module, trainable: list[nn.Parameter]
-) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``trainable`` split into (decayed, not decayed) by ``model.no_weight_decay()`` when the
-    model has one (timm's convention), else by shape (matrices decay, 1-D parameters do not)."""
-    own = getattr(model, "no_weight_decay", None)
-    exempt_names = (
-        own() if callable(own) else {n for n, p in model.named_parameters() if p.dim() < 2}
-    )
-    exempt = {id(p) for n, p in model.named_parameters() if n in exempt_names}
-    decay = [p for p in trainable if id(p) not in exempt]
-    no_decay = [p for p in trainable if id(p) in exempt]
-    return decay, no_decay
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -681,13 +667,12 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     # Weight decay on the weight matrices only: not on what the model's no_weight_decay() names
-    # (norms, biases, the scan's A_log, D and dt bias, learnt time embeddings).
-    decay, no_decay = weight_decay_groups(model, trainable)
+    # (norms, biases, the scan's A_log, D and dt bias, learnt time embeddings); a learning rate
+    # per part (a backbone that trains learns slower than the module and the head).
     optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+        optimizer_param_groups(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, lr_scales=cfg.lr_scales()
+        ),
         lr=cfg.lr,
     )
     scheduler = warmup_cosine(
@@ -719,14 +704,20 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
                 optimizer.load_state_dict(state["optimizer"])
             except ValueError as err:
                 # The weights fit but another set of them trains (freeze_backbone,
-                # tune_last_blocks changed since the checkpoint).
+                # tune_last_blocks changed since the checkpoint), or they are grouped by other
+                # learning rates.
                 saved = state.get("config") or {}
-                keys = ("freeze_backbone", "tune_last_blocks")
+                keys = (
+                    "freeze_backbone",
+                    "tune_last_blocks",
+                    "backbone_lr_scale",
+                    "temporal_lr_scale",
+                )
                 then = ", ".join(f"{k} {saved.get(k, '?')}" for k in keys)
                 now = ", ".join(f"{k} {getattr(cfg, k)}" for k in keys)
                 raise UsageError(
                     f"resume {resume}",
-                    f"optimizer state for this run's trainable parameters ({now})",
+                    f"optimizer state for this run's trainable parameters and rates ({now})",
                     f"one for others ({then}): {one_line(str(err))}",
                 ) from err
             scheduler.load_state_dict(state["scheduler"])
