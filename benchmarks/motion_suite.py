@@ -139,7 +139,7 @@ class Variant:
     LayerNorm as first measured; ``"two_heads_raw"``, the classifier's factored readout as it
     is (also what ``--readout factored`` gives): no LayerNorm in the motion head, whose input,
     the contribution, is zero when the block is created, where a LayerNorm's gain is
-    1/sqrt(eps)). ``preset``: the classifier's (``None``: its default, by regime; the
+    1/sqrt(eps)). ``preset``: the classifier's (``None``: its default, ``motion_only``; the
     ablations of PKS4Block's defaults name ``"features"``)."""
 
     temporal: str
@@ -203,7 +203,7 @@ VARIANTS: dict[str, Variant] = {
     "scan": Variant("scan", note="PKS4Block without its kinematic prior"),
     "prior_adapter": Variant("prior_adapter", note="the kinematic prior fed to the adapter"),
     "st_scan": Variant("st_scan", note="VideoMamba: one bidirectional scan over T*H*W tokens"),
-    "pks4": _pks4("PKS4VideoClassifier's defaults (preset by regime)", preset=None),
+    "pks4": _pks4("PKS4VideoClassifier's defaults (preset motion_only)", preset=None),
     "pks4_preset_features": _pks4("preset features: PKS4Block's defaults, one head"),
     "pks4_preset_motion_only": _pks4(
         "preset motion_only: content-free prior with the curl cue, factored readout",
@@ -619,9 +619,9 @@ def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dic
 @functools.cache
 def pks4_params(width: int, block_kwargs_json: str) -> int:
     """Parameters of the suite's PKS4 block at ``width`` (the budget every peer is sized to):
-    PKS4Block's defaults (the preset ``features``) in every regime. After a frozen backbone
-    the classifier's default, the preset ``motion_only``, is about 90 times smaller at the
-    backbone's width: the peers keep the larger budget, which can only help them."""
+    PKS4Block's defaults (the preset ``features``) in every regime. The classifier's default,
+    the preset ``motion_only``, is about 90 times smaller at the frozen backbone's width: the
+    peers keep the larger budget, which can only help them."""
     kwargs = json.loads(block_kwargs_json)
     if kwargs.get("inner_dim", 0) >= width:
         kwargs.pop("inner_dim")
@@ -874,9 +874,7 @@ def temporal_costs(
     width, side = regime_features(args, regime)
     torch.manual_seed(0)
     # The module as the regime's classifier builds it: its preset's arguments under the run's.
-    preset = resolve_preset(
-        variant.preset, temporal=variant.temporal, freeze_backbone=regime == "frozen"
-    )
+    preset = resolve_preset(variant.preset, temporal=variant.temporal)
     kwargs = preset_block_kwargs(preset, module_kwargs(args, variant, width))
     module = create_temporal(variant.temporal, width, **kwargs)
     module.train()

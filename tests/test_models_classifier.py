@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -63,9 +63,13 @@ def _perturb_output(model: PKS4VideoClassifier, seed: int = 1) -> None:
     proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.05)
 
 
-def _sibling(reference: PKS4VideoClassifier, temporal: str) -> PKS4VideoClassifier:
+def _sibling(
+    reference: PKS4VideoClassifier, temporal: str, preset: Optional[str] = None
+) -> PKS4VideoClassifier:
     """A classifier with ``reference``'s backbone and head weights and another temporal module."""
-    model = PKS4VideoClassifier(copy.deepcopy(reference.backbone), CLASSES, T, temporal=temporal)
+    model = PKS4VideoClassifier(
+        copy.deepcopy(reference.backbone), CLASSES, T, temporal=temporal, preset=preset
+    )
     model.head.load_state_dict(reference.head.state_dict())
     return model
 
@@ -273,18 +277,26 @@ def test_unfrozen_backbone_updates_batchnorm_statistics():
 # --- the identity at insertion and frame order ---------------------------------------------------
 
 
-@pytest.mark.parametrize("temporal", ["pks4", "tconv"])
+@pytest.mark.parametrize(
+    ("temporal", "preset"), [("pks4", None), ("pks4", "features"), ("tconv", None)]
+)
 @pytest.mark.parametrize("name", list(BACKBONES))
-def test_identity_at_insertion(name, temporal):
+def test_identity_at_insertion(name, temporal, preset):
     torch.manual_seed(0)
     reference = PKS4VideoClassifier(BACKBONES[name](), CLASSES, T, temporal="mean").eval()
-    model = _sibling(reference, temporal).eval()
+    model = _sibling(reference, temporal, preset).eval()
     x = _clip()
     with torch.no_grad():
         expected = reference(x)
-        assert torch.equal(model(x), expected)
+        before = model(x)
+        if model.motion_head is None:
+            assert torch.equal(before, expected)
+        else:  # the factored readout: the frame average's head, a motion head on zero (its bias)
+            content, motion = model(x, return_heads=True)
+            assert torch.equal(content, expected)
+            assert torch.equal(motion, model.motion_head.fc.bias.expand_as(motion))
         _perturb_output(model)
-        assert not torch.allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(x), before, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["timm_cnn", "timm_vit"])

@@ -197,8 +197,14 @@ def _classifier(temporal: str) -> PKS4VideoClassifier:
     torch.manual_seed(0)
     backbone = FrameBackbone(nn.Conv2d(3, 32, kernel_size=8, stride=8), num_features=32)
     kwargs = {"d_state": 8, "radius": 1, "corr_dim": 16} if temporal == "pks4" else None
+    # The block's defaults (a scan over the features) and one head: the formula below.
     return PKS4VideoClassifier(
-        backbone, num_classes=5, num_frames=6, temporal=temporal, block_kwargs=kwargs
+        backbone,
+        num_classes=5,
+        num_frames=6,
+        temporal=temporal,
+        block_kwargs=kwargs,
+        preset="features",
     )
 
 

@@ -1,5 +1,5 @@
-"""PKS4VideoClassifier's presets: a content-free block with the factored readout after a frozen
-backbone, the block's defaults with one head otherwise; the user's arguments win."""
+"""PKS4VideoClassifier's presets: a content-free block with the factored readout for PKS4,
+frozen backbone or not; the block's defaults with one head by name; the user's arguments win."""
 
 from __future__ import annotations
 
@@ -25,29 +25,30 @@ def _model(**kw) -> PKS4VideoClassifier:
 
 
 @pytest.mark.parametrize(
-    "preset, temporal, frozen, expected",
+    "preset, temporal, expected",
     [
-        (None, "pks4", True, "motion_only"),
-        (None, "pks4", False, "features"),
-        (None, "attention", True, "features"),
-        (None, "mean", True, "features"),
-        ("features", "pks4", True, "features"),
-        ("motion_only", "pks4", False, "motion_only"),
+        (None, "pks4", "motion_only"),
+        (None, "attention", "features"),
+        (None, "mean", "features"),
+        ("features", "pks4", "features"),
+        ("motion_only", "pks4", "motion_only"),
+        ("features", "tsm", "features"),
     ],
 )
-def test_resolve_preset(preset, temporal, frozen, expected):
-    assert resolve_preset(preset, temporal=temporal, freeze_backbone=frozen) == expected
+def test_resolve_preset(preset, temporal, expected):
+    assert resolve_preset(preset, temporal=temporal) == expected
 
 
 def test_bad_presets_name_the_argument():
     with pytest.raises(ValueError, match=r"^preset: expected None or one of .*got 'motion'"):
-        resolve_preset("motion", temporal="pks4", freeze_backbone=True)
+        resolve_preset("motion", temporal="pks4")
     with pytest.raises(ValueError, match=r"^preset: expected None or 'features' with temporal="):
         _model(temporal="attention", preset="motion_only", block_kwargs=None)
 
 
-def test_a_frozen_backbone_gets_the_content_free_block_and_two_heads():
-    model = _model(freeze_backbone=True)
+@pytest.mark.parametrize("frozen", [True, False])
+def test_pks4_gets_the_content_free_block_and_two_heads(frozen):
+    model = _model(freeze_backbone=frozen)
     assert model.preset == "motion_only" and model.readout == "factored"
     assert model.motion_head is not None
     assert model.temporal.scan_input == "prior" and not model.temporal.prior.reduces
@@ -56,8 +57,8 @@ def test_a_frozen_backbone_gets_the_content_free_block_and_two_heads():
     assert model.init_config["block_kwargs"] == SMALL  # the user's, not merged
 
 
-def test_a_trained_backbone_gets_the_block_defaults_and_one_head():
-    model = _model(freeze_backbone=False)
+def test_the_features_preset_is_the_block_defaults_and_one_head():
+    model = _model(freeze_backbone=False, preset="features")
     default = PKS4VideoClassifier(
         FrameBackbone(TinyCNN(), num_features=8), CLASSES, T, block_kwargs=SMALL, preset="features"
     )
@@ -83,11 +84,12 @@ def test_the_users_arguments_override_the_preset():
     assert explicit.temporal.scan_input == "features" and explicit.motion_head is None
 
 
+@pytest.mark.parametrize("preset", ["features", "motion_only"])
 @pytest.mark.parametrize("frozen", [True, False])
-def test_each_preset_is_the_frame_average_at_creation(frozen):
+def test_each_preset_is_the_frame_average_at_creation(preset, frozen):
     """Both presets keep the block the identity when created: the content head's logits are
     the frame-average model's, the motion head's its bias."""
-    model = _model(freeze_backbone=frozen).eval()
+    model = _model(freeze_backbone=frozen, preset=preset).eval()
     mean = _model(freeze_backbone=frozen, temporal="mean", block_kwargs=None).eval()
     mean.head.load_state_dict(model.head.state_dict())
     mean.backbone.load_state_dict(model.backbone.state_dict())

@@ -3,6 +3,8 @@ head on the temporal module's contribution, each trained on its own loss."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,10 +75,13 @@ def test_at_creation_the_motion_head_reads_zeros_and_the_argmax_is_the_content_h
     model, size = _model(perturb=False)
     x = _clip(size)
     content, motion = model(x, return_heads=True)
-    # The block is the identity when created: its contribution, and so the motion head's
-    # normalised input, is zero, and the motion logits are the classifier's bias.
-    assert_close(motion, model.motion_head.fc.bias.expand(B, CLASSES))
+    # The block is the identity when created: its contribution, the motion head's input, is
+    # zero, and the motion logits are the head's bias, zero: the prediction is the content's.
+    assert torch.equal(motion, torch.zeros_like(motion))
+    assert torch.equal(model.motion_head.fc.bias, torch.zeros_like(model.motion_head.fc.bias))
+    assert model.motion_head.fc.weight.abs().min() > 0
     assert torch.equal(model(x).argmax(-1), content.argmax(-1))
+    assert_close(model(x), content.log_softmax(-1) - math.log(CLASSES))
 
 
 def test_each_head_trains_on_its_own_loss_and_the_module_on_the_motion_loss_alone():
@@ -165,6 +170,7 @@ def test_stream_equals_forward():
         CLASSES,
         T,
         block_kwargs=dict(prior_dim=6, d_state=4, bidirectional=False),
+        readout="output",  # the same block, one head
     ).double()
     with torch.no_grad():
         _, plain = one_head.step(clip[:, :2])
@@ -192,7 +198,7 @@ def test_bad_readouts_name_the_argument():
         PKS4VideoClassifier(net, CLASSES, T, readout="two_heads")
     with pytest.raises(ValueError, match=r"^readout: expected 'output' with temporal='mean'"):
         PKS4VideoClassifier(net, CLASSES, T, temporal="mean", readout="factored")
-    plain = PKS4VideoClassifier(net, CLASSES, T)
+    plain = PKS4VideoClassifier(net, CLASSES, T, preset="features")
     assert plain.motion_head is None and "readout" in plain.init_config
     with pytest.raises(ValueError, match=r"^return_heads: expected False with readout='output'"):
         plain(torch.randn(1, T, 3, 12, 12), return_heads=True)

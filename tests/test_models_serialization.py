@@ -71,6 +71,7 @@ def test_a_state_of_an_older_layout_says_what_differs(tmp_path: Path):
         3,
         4,
         block_kwargs={"cues": ("cost", "displacement", "difference")},
+        preset="features",
     )
     old.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

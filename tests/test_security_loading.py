@@ -275,9 +275,11 @@ def test_resume_into_a_model_that_fits(tmp_path):
     [
         (
             {"num_classes": 5},
-            [
-                "shape mismatches (2): ['head.fc.weight: checkpoint (3, 16) vs model (5, 16)', "
-                "'head.fc.bias: checkpoint (3,) vs model (5,)']",
+            [  # both heads of PKS4's factored readout
+                "shape mismatches (4): ['head.fc.weight: checkpoint (3, 16) vs model (5, 16)', "
+                "'head.fc.bias: checkpoint (3,) vs model (5,)', "
+                "'motion_head.fc.weight: checkpoint (3, 16) vs model (5, 16)', "
+                "'motion_head.fc.bias: checkpoint (3,) vs model (5,)']",
             ],
         ),
         (

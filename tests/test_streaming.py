@@ -10,6 +10,7 @@ from pks4_layers.layers import PKS4StreamState
 from pks4_layers.layers.kinematic_prior import DEFAULT_PRIOR_CUES, PRIOR_CUES
 from pks4_layers.layers.temporal_conv import temporal_conv, temporal_conv_step
 from pks4_layers.models import PKS4VideoClassifier
+from pks4_layers.models.classifier import combine_heads
 from scan_cases import device_for
 from tiny_backbone import TinyCNN
 from tolerances import assert_close
@@ -239,13 +240,15 @@ def _classifier(temporal: str, backbone: str = "cnn", **kw) -> PKS4VideoClassifi
     "temporal, backbone, token_pool",
     [
         ("pks4", "cnn", "avg"),
+        ("pks4-features", "cnn", "avg"),
         ("mean", "cnn", "avg"),
         ("pks4", "vit", "avg"),
         ("pks4", "vit", "prefix"),
     ],
 )
 def test_classifier_stream_equals_forward(temporal, backbone, token_pool):
-    model, size = _classifier(temporal, backbone, token_pool=token_pool)
+    kw = {"preset": "features"} if temporal == "pks4-features" else {}
+    model, size = _classifier(temporal.split("-")[0], backbone, token_pool=token_pool, **kw)
     clip = torch.randn(2, 8, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         expected = model(clip)
@@ -253,9 +256,14 @@ def test_classifier_stream_equals_forward(temporal, backbone, token_pool):
         for chunk in [2, 5, 1]:
             logits, state = model.step(clip[:, seen : seen + chunk], state)
             seen += chunk
-            # Running logits: those of the mean over the frames seen so far.
+            # Running logits: those of the mean over the frames seen so far (both heads with
+            # the factored readout, PKS4's default).
             feats = model.backbone(clip[:, :seen])
-            assert_close(logits, model.forward_head(model.pool(model.forward_temporal(feats))))
+            out = model.forward_temporal(feats)
+            if model.motion_head is None:
+                assert_close(logits, model.forward_head(model.pool(out)))
+            else:
+                assert_close(logits, combine_heads(*model.forward_heads(feats, out)))
     assert logits.shape == (2, 5) and state.frames_seen == 8
     assert_close(logits, expected)
     assert (state.temporal is None) == (temporal == "mean")

@@ -133,16 +133,15 @@ class PKS4VideoClassifier(nn.Module):
     head on its own loss, the module must carry the label itself (measured in the motion suite,
     docs/motion_suite.md). ``forward(x, return_heads=True)`` gives both heads' logits.
 
-    Presets (:data:`~pks4_layers.models.PRESETS`). A PKS4 classifier after a frozen backbone
-    builds ``preset="motion_only"``: the block's scan reads the kinematic prior alone (cosine
-    cost volume, displacement, its change, curl and divergence) and the readout is factored.
-    Any other builds ``"features"``: the block's defaults and one head. Measured in the motion
-    suite: after the frozen backbone the default block fits the content of its training clips
-    and stays near chance on motion, where the content-free block reads it (given 24 epochs);
-    with a backbone that trains, the content-free block is not yet measured ahead in every
-    regime (see ``pks4_layers.models.presets``). Give ``preset`` to choose; ``block_kwargs``
-    and ``readout`` override the preset's. The preset is fixed when the model is built
-    (:meth:`set_backbone_frozen` does not change it).
+    Presets (:data:`~pks4_layers.models.PRESETS`). A PKS4 classifier builds
+    ``preset="motion_only"``, whether its backbone is frozen or trains: the block's scan reads
+    the kinematic prior alone (cosine cost volume, displacement, its change, curl and
+    divergence) and the readout is factored. Every other temporal module builds
+    ``"features"``: its defaults and one head (``preset="features"`` gives a PKS4 classifier
+    the block's defaults). Measured in the motion suite: the default block fits the content of
+    its training clips and reads motion worse than the content-free block in every regime,
+    given the epochs the latter needs (see ``pks4_layers.models.presets``). Give ``preset`` to
+    choose; ``block_kwargs`` and ``readout`` override the preset's.
 
     Args:
         backbone: an image model (see :class:`FrameBackbone`), a :class:`FrameBackbone`, or a
@@ -165,8 +164,8 @@ class PKS4VideoClassifier(nn.Module):
         readout: ``"output"`` or ``"factored"`` (see above; not with ``temporal="mean"``,
             which adds nothing for a motion head to read); ``None``: the preset's.
         preset: ``"features"`` or ``"motion_only"`` (see above; ``"motion_only"`` with
-            ``temporal="pks4"`` only); ``None``: ``"motion_only"`` for PKS4 with
-            ``freeze_backbone=True``, ``"features"`` otherwise.
+            ``temporal="pks4"`` only); ``None``: ``"motion_only"`` for PKS4, ``"features"``
+            for the other modules.
 
     Streaming (online inference, constant memory): ``state = model.init_stream(B)``, then
     ``logits, state = model.step(chunk, state)`` for each chunk ``(B, T_chunk, 3, H, W)`` of any
@@ -199,7 +198,7 @@ class PKS4VideoClassifier(nn.Module):
     ) -> None:
         super().__init__()
         # The named configuration (block arguments, readout); the user's arguments win.
-        preset = resolve_preset(preset, temporal=temporal, freeze_backbone=freeze_backbone)
+        preset = resolve_preset(preset, temporal=temporal)
         if readout is None:
             readout = PRESETS[preset].readout  # "output" for every kind but PKS4
         # What rebuilds this model (save_pretrained): its arguments and the backbone's name.
@@ -256,6 +255,11 @@ class PKS4VideoClassifier(nn.Module):
             if readout == "factored"
             else None
         )
+        if self.motion_head is not None:
+            # Zero logits at creation: the prediction is the content head's (the frame average
+            # model's), not shifted by a random class prior. The weights stay random, or the
+            # block would get no gradient through this head.
+            nn.init.zeros_(self.motion_head.fc.bias)
         self.backbone_frozen = False
         self.set_backbone_frozen(freeze_backbone)
 

@@ -1,14 +1,14 @@
 """Named configurations of a PKS4 classifier: the PKS4 block's arguments and the readout.
 
-Which design reads motion best depends on whether the backbone learns. After a frozen
-backbone, the default block (its scan reads the features, the kinematic prior steers it) fits
-a small training set from the content of the clips and stays near chance on the motion tasks
-of the motion suite (docs/motion_suite.md), like every peer module; a block whose scan reads
-the prior alone, computed from cosine similarities between neighbouring frames, with the
-factored readout (a motion head trained on the block's contribution alone), reads them,
-given the epochs to fit (24 in the suite; at 8 it has not). Trained from scratch it is no
-different from the default block at 8 epochs and ahead at 16; fine-tuned, it is not yet
-measured at that length, so a backbone that trains keeps the default block for now.
+The block's defaults (its scan reads the features, the kinematic prior steers it) fit a small
+training set from the content of the clips: after a frozen backbone they stay near chance on
+the motion tasks of the motion suite (docs/motion_suite.md), like every peer module, and with a
+backbone that trains they memorise it. A block whose scan reads the prior alone, computed from
+cosine similarities between neighbouring frames, with the factored readout (a motion head
+trained on the block's contribution alone), reads motion in every regime, given the epochs
+to fit: after a frozen backbone at 24 epochs (at 8 it has not fit), from scratch and
+fine-tuned at 16 (at 8 it is no different from the block's defaults). It is every PKS4
+classifier's default, ``"motion_only"``; ``"features"`` builds the block's defaults.
 
 ``PKS4VideoClassifier(preset=...)`` builds one of :data:`PRESETS` by name;
 :func:`resolve_preset` gives the name a classifier uses when none is given.
@@ -43,7 +43,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             {},
             "output",
             "PKS4Block's defaults, one head on the block's output: the scan reads the features "
-            "and the kinematic prior steers it (for a backbone that trains with the block)",
+            "and the kinematic prior steers it (fits the content of a small training set)",
         ),
         "motion_only": Preset(
             {
@@ -55,7 +55,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             "the scan reads the kinematic prior alone (cosine cost volume of the features, "
             "soft-argmax displacement, its change, curl and divergence: no learnt function of "
             "the content), and a motion head reads the block's contribution on its own loss "
-            "(for a frozen backbone)",
+            "(the default of a PKS4 classifier)",
         ),
     }
 )
@@ -69,13 +69,12 @@ def preset_block_kwargs(
     return {**PRESETS[preset].block_kwargs, **(block_kwargs or {})}
 
 
-def resolve_preset(preset: Optional[str], *, temporal: str, freeze_backbone: bool) -> str:
+def resolve_preset(preset: Optional[str], *, temporal: str) -> str:
     """The preset a classifier builds: ``preset`` itself, checked, or with ``None``
-    ``"motion_only"`` for a PKS4 block after a frozen backbone and ``"features"`` otherwise
-    (every temporal module but PKS4 takes ``"features"`` only: no block arguments, one head
-    by default)."""
+    ``"motion_only"`` for a PKS4 block and ``"features"`` for every other temporal module
+    (they take ``"features"`` only: no block arguments, one head by default)."""
     if preset is None:
-        return "motion_only" if temporal == "pks4" and freeze_backbone else "features"
+        return "motion_only" if temporal == "pks4" else "features"
     if preset not in PRESETS:
         raise ValueError(f"preset: expected None or one of {list(PRESETS)}, got {preset!r}")
     if temporal != "pks4" and PRESETS[preset].block_kwargs:

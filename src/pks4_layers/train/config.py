@@ -124,8 +124,8 @@ class TrainConfig:
         default="auto",
         metadata={
             "help": f"auto or one of {tuple(PRESETS)}: the PKS4 block's named configuration "
-            "and readout (auto: motion_only for pks4 with a frozen backbone, features "
-            "otherwise; prior_targets, inner_dim and readout override it)"
+            "and readout (auto: motion_only for pks4, features for the other modules; "
+            "prior_targets, inner_dim and readout override it)"
         },
     )
     prior_targets: str = field(
@@ -226,9 +226,7 @@ class TrainConfig:
                 "readout", "output with temporal mean (it adds nothing to read)", repr(self.readout)
             )
         try:  # the classifier's rule (a preset with block arguments is PKS4's)
-            resolve_preset(
-                self.preset_arg(), temporal=self.temporal, freeze_backbone=self.freeze_backbone
-            )
+            resolve_preset(self.preset_arg(), temporal=self.temporal)
         except ValueError:
             raise UsageError(
                 "preset", "auto or features unless temporal is pks4", repr(self.preset)
