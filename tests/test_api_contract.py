@@ -41,7 +41,7 @@ def test_no_weight_decay_names_the_scan_parameters_biases_and_norms():
     import torch
 
     from pks4_layers.models import FrameBackbone, PKS4VideoClassifier
-    from pks4_layers.train.engine import weight_decay_groups
+    from pks4_layers.train.optim import weight_decay_groups
 
     block = PKS4Block(16, inner_dim=8, d_state=4, prior_dim=4, corr_dim=4, diff_dim=4)
     names = block.no_weight_decay()

@@ -46,7 +46,7 @@ from .distributed import (
 )
 from .errors import MissingPathError, UsageError, did_you_mean, first_sentence, one_line
 from .metrics import plot_curves, topk_correct, write_metrics
-from .optim import optimizer_param_groups, weight_decay_groups  # noqa: F401 (re-exported)
+from .optim import optimizer_param_groups
 from .progress import Progress
 from .schedule import warmup_cosine
 
