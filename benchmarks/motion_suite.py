@@ -117,6 +117,10 @@ PEER_MATRIX = {
     "models": ",".join(("mean", "probe", "probe_local", "tconv", *PEER_KINDS, "pks4")),
     "finetune_models": "mean,tsm,attention,scan,pks4",
 }
+# Epochs per regime: what the classifier's default (the content-free prior, preset
+# motion_only) needs to fit; 8 leave it short in every regime (docs/motion_suite.md). Every
+# model of a regime trains as long.
+DEFAULT_EPOCHS = "frozen=24,finetune=16,scratch=16"
 REFERENCE = "pks4"  # every row's paired comparison is against it
 
 
@@ -399,13 +403,42 @@ class SmallCNN(nn.Sequential):
         self.width = width
 
 
+def parse_epochs(text: str) -> dict[str, int]:
+    """``--epochs``: ``"8"`` -> 8 in every regime; ``"16,frozen=24"`` -> 24 frozen, 16 in the
+    others. Every regime gets a count: one not named takes the bare number (8 without one)."""
+    default, named = 8, {}
+    for item in filter(None, (v.strip() for v in str(text).split(","))):
+        regime, sep, value = item.rpartition("=")
+        if sep and regime not in REGIMES:
+            raise argparse.ArgumentTypeError(
+                f"expected regimes from {', '.join(REGIMES)}, got {regime!r}"
+            )
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive epoch count, got {item!r}")
+        if sep:
+            named[regime] = count
+        else:
+            default = count
+    return {regime: named.get(regime, default) for regime in REGIMES}
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--regimes", default=",".join(DEFAULT_REGIMES), help=f"of {', '.join(REGIMES)}")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own clips too")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument(
+        "--epochs",
+        type=parse_epochs,
+        default=DEFAULT_EPOCHS,
+        help="training epochs: one number for every regime, or per regime, e.g. "
+        "'frozen=24,finetune=16,scratch=16' (a bare number sets the regimes not named)",
+    )
     p.add_argument(
         "--readout",
         choices=("auto", *READOUTS),
@@ -798,7 +831,8 @@ def train_one(
     opt = _optimizer(model, lr, args.weight_decay, variant.block_lr_scale, backbone_scale)
     x_train, y_train = data["train"]
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    total = args.epochs * steps_per_epoch
+    epochs = args.epochs[regime]
+    total = epochs * steps_per_epoch
     warmup = steps_per_epoch  # one epoch of linear warm-up, then cosine to zero
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -812,7 +846,7 @@ def train_one(
     history = []
     start = time.perf_counter()
     eval_batch = args.batch_size * 4
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, epochs + 1):
         model.train()
         perm = torch.randperm(len(x_train), generator=order)
         losses = []
@@ -829,7 +863,7 @@ def train_one(
         history.append({"epoch": epoch, "train_loss": statistics.fmean(losses), "val_top1": val})
         if not args.no_progress:
             print(
-                f"    {desc} epoch {epoch}/{args.epochs} loss {history[-1]['train_loss']:.3f} "
+                f"    {desc} epoch {epoch}/{epochs} loss {history[-1]['train_loss']:.3f} "
                 f"val {val:.1f}% ({time.perf_counter() - start:.0f}s)",
                 file=sys.stderr,
                 flush=True,
@@ -1262,6 +1296,34 @@ def _key(run: dict[str, Any]) -> tuple[str, str, str, int]:
     return run["regime"], run["task"], run["model"], run["seed"]
 
 
+def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dict[str, Any]:
+    """What a run's number depends on beyond (regime, task, model, seed): its training length
+    and rates, the module's arguments and the classifier's preset and readout as resolved
+    today. ``--resume`` and ``--runs-from`` keep a finished run only when its protocol is
+    this one, so that a record of another default or length never enters a table."""
+    if variant.temporal in PROBES:
+        return {"temporal": variant.temporal}
+    kwargs = variant.kwargs()
+    if variant.temporal == "pks4":
+        kwargs.update(args.block_kwargs)
+    protocol = {
+        "temporal": variant.temporal,
+        "block_kwargs": kwargs,
+        "preset": resolve_preset(variant.preset, temporal=variant.temporal),
+        "readout": readout_of(args, variant),
+        "head_reads": variant.head_reads,
+        "block_lr_scale": variant.block_lr_scale,
+        "epochs": args.epochs[regime],
+        "lr": args.scratch_lr if regime == "scratch" else args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "train_clips": args.train_clips,
+    }
+    if regime == "finetune":
+        protocol["backbone_lr_scale"] = args.finetune_backbone_lr_scale
+    return json.loads(json.dumps(protocol))  # as read back from a file: lists, not tuples
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.shards > 1 and not args.shard:
@@ -1292,11 +1354,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     sources = [partial] if args.resume and partial.exists() else []
     sources += [Path(f) for f in args.runs_from.split(",") if f]
+    protocols = {
+        (regime, model): run_protocol(args, regime, VARIANTS[model])
+        for regime in args.regimes
+        for model in args.models
+    }
+    stale = 0
     for source in sources:
-        # Runs of the same protocol only: the reported split must have been evaluated.
+        # Runs of the same protocol only, where the reported split was evaluated.
         for r in json.loads(source.read_text())["runs"]:
-            if r.get(f"{args.report_split}_correct") is not None:
-                done[_key(r)] = r
+            if r.get(f"{args.report_split}_correct") is None:
+                continue
+            if r.get("protocol") != protocols.get((r["regime"], r["model"])):
+                stale += 1
+                continue
+            done[_key(r)] = r
+    if stale:
+        print(
+            f"{stale} finished runs of another protocol (length, rates, defaults) not kept",
+            file=sys.stderr,
+        )
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
     for task in args.tasks:
@@ -1336,6 +1413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "frames": frames_of(args, task),
                             "classes": classes,
                             "chance": 100.0 / classes,
+                            "protocol": protocols[(regime, model)],
                             **result,
                         }
                     )

@@ -9,6 +9,7 @@ are written. Accuracies are not asserted: a tiny run says nothing about them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -170,6 +171,24 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     assert motion_suite.main([*argv_again, "--resume"]) == 0
     capsys.readouterr()
     assert json.loads(again.with_suffix(".json").read_text())["runs"] == runs
+    # ... of this protocol only: a record of another length is trained again, not reported
+    assert all(r["protocol"]["epochs"] == 2 for r in runs if not r["model"].startswith("probe"))
+    records = json.loads(out.with_suffix(".runs.json").read_text())
+    stale = next(r for r in records["runs"] if r["model"] == "pks4")
+    stale["protocol"]["epochs"] = 3
+    again.with_suffix(".runs.json").write_text(json.dumps(records))
+    assert motion_suite.main([*argv_again, "--resume"]) == 0
+    assert "1 finished runs of another protocol" in capsys.readouterr().err
+    rerun = json.loads(again.with_suffix(".json").read_text())["runs"]
+    # that run alone trained again (the random test backbone draws other weights then: its
+    # numbers may differ), of today's protocol; every other record kept as it was
+    key = motion_suite._key(stale)
+    assert [motion_suite._key(r) for r in rerun] == [motion_suite._key(r) for r in runs]
+    assert [r for r in rerun if motion_suite._key(r) != key] == [
+        r for r in runs if motion_suite._key(r) != key
+    ]
+    fresh = next(r for r in rerun if motion_suite._key(r) == key)
+    assert fresh["protocol"]["epochs"] == 2 and [h["epoch"] for h in fresh["history"]] == [1, 2]
     # shards run concurrently, then one report from all of them: --runs-from
     shards = []
     for task in ("shuttle", "spatial"):
@@ -182,6 +201,27 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     assert motion_suite.main([*argv_merged, f"--runs-from={','.join(shards)}"]) == 0
     capsys.readouterr()
     assert json.loads(merged.with_suffix(".json").read_text())["runs"] == runs
+
+
+def test_epochs_per_regime() -> None:
+    parse = motion_suite.parse_epochs
+    assert parse("8") == {r: 8 for r in motion_suite.REGIMES}
+    assert parse("16,frozen=24") == {"frozen": 24, "finetune": 16, "scratch": 16}
+    assert parse("frozen=3") == {"frozen": 3, "finetune": 8, "scratch": 8}
+    args = motion_suite.parse_args([])
+    assert args.epochs == parse(motion_suite.DEFAULT_EPOCHS)
+    for bad, named in (("frozn=3", "'frozn'"), ("frozen=0", "'frozen=0'"), ("x", "'x'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=named):
+            parse(bad)
+    # the protocol a record is kept by: the regime's length, the preset as resolved today
+    pks4 = motion_suite.VARIANTS["pks4"]
+    frozen = motion_suite.run_protocol(args, "frozen", pks4)
+    assert frozen["epochs"] == 24 and frozen["preset"] == "motion_only"
+    assert motion_suite.run_protocol(args, "scratch", pks4)["epochs"] == 16
+    features = motion_suite.run_protocol(
+        args, "frozen", motion_suite.VARIANTS["pks4_preset_features"]
+    )
+    assert features["preset"] == "features" and features != frozen
 
 
 def test_seeds_change_the_initialisation_and_only_that(tmp_path: Path) -> None:
