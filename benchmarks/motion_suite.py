@@ -1365,7 +1365,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in json.loads(source.read_text())["runs"]:
             if r.get(f"{args.report_split}_correct") is None:
                 continue
-            if r.get("protocol") != protocols.get((r["regime"], r["model"])):
+            protocol = protocols.get((r["regime"], r["model"]))
+            if protocol is None:
+                continue  # not in this matrix
+            if r.get("protocol") != protocol:  # a record from before protocols: none
                 stale += 1
                 continue
             done[_key(r)] = r
