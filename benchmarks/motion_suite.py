@@ -205,7 +205,12 @@ VARIANTS: dict[str, Variant] = {
     "adapter": Variant("adapter", note="ST-Adapter: down, depthwise temporal conv 3, GELU, up"),
     "attention": Variant("attention", note="divided temporal self-attention per location"),
     "scan": Variant("scan", note="PKS4Block without its kinematic prior"),
-    "prior_adapter": Variant("prior_adapter", note="the kinematic prior fed to the adapter"),
+    "prior_adapter": Variant(
+        "prior_adapter",
+        (("corr_dim", None), ("cues", MOTION_ONLY_CURL["cues"])),
+        note="the kinematic prior of PKS4's default (its cues, no learnt reduction) fed to the "
+        "adapter",
+    ),
     "st_scan": Variant("st_scan", note="VideoMamba: one bidirectional scan over T*H*W tokens"),
     "pks4": _pks4("PKS4VideoClassifier's defaults (preset motion_only)", preset=None),
     "pks4_preset_features": _pks4("preset features: PKS4Block's defaults, one head"),
@@ -493,6 +498,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="JSON object of PKS4Block arguments laid over every pks4 variant's (a reduced "
         "protocol, e.g. '{\"inner_dim\": 256}')",
     )
+    p.add_argument(
+        "--peer-budget",
+        choices=tuple(PEER_BUDGETS),
+        default="pks4",
+        help="the PKS4 block whose parameters every peer is sized to: "
+        + "; ".join(f"{k}: {v}" for k, v in PEER_BUDGETS.items()),
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random backbone (tests only)")
     p.add_argument("--data-root", default="data/generated/suite")
     p.add_argument("--out", default="benchmarks/results/motion_suite")
@@ -637,25 +649,38 @@ def readout_of(args: argparse.Namespace, variant: Variant) -> Optional[str]:
 def module_kwargs(args: argparse.Namespace, variant: Variant, width: int) -> dict[str, Any]:
     """The temporal module's arguments at the backbone's ``width``: the variant's, with
     ``--block-kwargs`` for PKS4; a peer without its own ``inner_dim`` gets the one that gives it
-    PKS4's parameter count at that width (every peer at the same budget)."""
+    the parameter count of ``--peer-budget``'s PKS4 block at that width (every peer at the same
+    budget)."""
     kwargs = variant.kwargs()
     if variant.temporal == "pks4":
         kwargs.update(args.block_kwargs)
     if variant.temporal in PEER_KINDS and "inner_dim" not in kwargs:
-        budget = pks4_params(width, json.dumps(args.block_kwargs, sort_keys=True))
+        budget = pks4_params(width, json.dumps(args.block_kwargs, sort_keys=True), args.peer_budget)
         kwargs["inner_dim"] = inner_dim_for_params(variant.temporal, width, budget, **kwargs)
     if kwargs.get("inner_dim", 0) >= width and variant.temporal == "pks4":
         kwargs.pop("inner_dim")  # no narrower than the backbone: the full width
     return kwargs
 
 
+# ``--peer-budget``: the PKS4 block whose parameter count every peer is sized to.
+PEER_BUDGETS = {
+    "pks4": "the suite's pks4 (PKS4VideoClassifier's default preset)",
+    "features": "PKS4Block's own defaults (the preset features, about 94 times larger at 1280)",
+}
+
+
 @functools.cache
-def pks4_params(width: int, block_kwargs_json: str) -> int:
-    """Parameters of the suite's PKS4 block at ``width`` (the budget every peer is sized to):
-    PKS4Block's defaults (the preset ``features``) in every regime. The classifier's default,
-    the preset ``motion_only``, is about 90 times smaller at the frozen backbone's width: the
-    peers keep the larger budget, which can only help them."""
-    kwargs = json.loads(block_kwargs_json)
+def pks4_params(width: int, block_kwargs_json: str, peer_budget: str = "pks4") -> int:
+    """Parameters of the PKS4 block every peer is sized to at ``width``: with ``"pks4"`` the
+    suite's ``pks4`` model's (the classifier's default preset, ``motion_only``: the same budget
+    as the model compared against), with ``"features"`` PKS4Block's own defaults (the budget
+    the peers were first measured at)."""
+    if peer_budget not in PEER_BUDGETS:
+        raise ValueError(f"peer_budget: expected one of {list(PEER_BUDGETS)}, got {peer_budget!r}")
+    preset = "features"
+    if peer_budget == "pks4":
+        preset = resolve_preset(VARIANTS[REFERENCE].preset, temporal="pks4")
+    kwargs = preset_block_kwargs(preset, json.loads(block_kwargs_json))
     if kwargs.get("inner_dim", 0) >= width:
         kwargs.pop("inner_dim")
     return temporal_num_params("pks4", width, **kwargs)
@@ -1303,12 +1328,9 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     this one, so that a record of another default or length never enters a table."""
     if variant.temporal in PROBES:
         return {"temporal": variant.temporal}
-    kwargs = variant.kwargs()
-    if variant.temporal == "pks4":
-        kwargs.update(args.block_kwargs)
     protocol = {
         "temporal": variant.temporal,
-        "block_kwargs": kwargs,
+        "block_kwargs": module_kwargs(args, variant, regime_features(args, regime)[0]),
         "preset": resolve_preset(variant.preset, temporal=variant.temporal),
         "readout": readout_of(args, variant),
         "head_reads": variant.head_reads,

@@ -554,14 +554,22 @@ def test_peers_in_three_regimes_at_pks4s_budget(tmp_path: Path) -> None:
     runs = {(r["regime"], r["model"]): r for r in result["runs"]}
     assert len(runs) == 3 * (len(peers) + 3)
     for regime in ("frozen", "scratch", "finetune"):
-        # The peers' budget is PKS4Block's defaults, larger than the classifier's default, the
-        # preset motion_only.
-        budget = runs[(regime, "pks4_preset_features")]["params_temporal"]
-        assert runs[(regime, "pks4")]["params_temporal"] < budget
+        # The peers' budget is the compared model's: the classifier's default (the preset
+        # motion_only), smaller than PKS4Block's own defaults; --peer-budget features sizes
+        # them to the latter.
+        budget = runs[(regime, "pks4")]["params_temporal"]
+        larger = runs[(regime, "pks4_preset_features")]["params_temporal"]
+        assert budget < larger
+        args = motion_suite.parse_args([*argv, "--peer-budget=features"])
+        width = motion_suite.regime_features(args, regime)[0]
         for peer in peers:
             run = runs[(regime, peer)]
             assert abs(run["params_temporal"] / budget - 1) < 0.10, (regime, peer)
             assert run["inner_dim"] == result["costs"][f"{regime}/{peer}"]["inner_dim"]
+            assert run["protocol"]["block_kwargs"]["inner_dim"] == run["inner_dim"]
+            kwargs = motion_suite.module_kwargs(args, motion_suite.VARIANTS[peer], width)
+            params = motion_suite.temporal_num_params(peer, width, **kwargs)
+            assert abs(params / larger - 1) < 0.10, (regime, peer)
         for model in ("mean", "frame_mlp"):
             run = runs[(regime, model)]
             assert run["val_reversed_top1"] == run["final_val_top1"] == run["val_shuffled_top1"]
