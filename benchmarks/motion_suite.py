@@ -1375,6 +1375,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     partial.parent.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     sources = [partial] if args.resume and partial.exists() else []
+    # Records of --out outside this matrix (other regimes, tasks, models or seeds) stay in its
+    # file: a run of part of the matrix adds to the records, never drops the rest.
+    planned = set(plan)
+    carried = [
+        r
+        for r in (json.loads(partial.read_text())["runs"] if args.resume and sources else [])
+        if _key(r) not in planned
+    ]
     sources += [Path(f) for f in args.runs_from.split(",") if f]
     protocols = {
         (regime, model): run_protocol(args, regime, VARIANTS[model])
@@ -1445,7 +1453,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     # Every finished run on disk at once: a long sweep cut short keeps them.
                     # Written aside, then renamed: a reader (or a commit) never sees half a file.
                     aside = partial.with_name(partial.name + ".tmp")
-                    aside.write_text(json.dumps({"config": vars(args), "runs": runs}))
+                    aside.write_text(json.dumps({"config": vars(args), "runs": carried + runs}))
                     aside.replace(partial)
     order = {p: i for i, p in enumerate(plan)}
     runs.sort(key=lambda r: order[_key(r)])

@@ -192,6 +192,18 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     for fresh in (r for r in rerun if motion_suite._key(r) in keys):
         assert fresh["protocol"]["epochs"] == 2
         assert [h["epoch"] for h in fresh["history"]] == [1, 2]
+    # part of the matrix (another model, one regime, task and seed) adds to --out's records
+    before = json.loads(again.with_suffix(".runs.json").read_text())["runs"]
+    part = [a for a in argv_again if not a.startswith(("--regimes=", "--tasks=", "--seeds="))]
+    part = [a for a in part if not a.startswith("--models=")]
+    part += ["--regimes=frozen", "--tasks=shuttle", "--seeds=0", "--models=tconv", "--resume"]
+    assert motion_suite.main(part) == 0
+    capsys.readouterr()
+    after = json.loads(again.with_suffix(".runs.json").read_text())["runs"]
+    assert [r for r in after if r["model"] != "tconv"] == before
+    assert [motion_suite._key(r) for r in after if r["model"] == "tconv"] == [
+        ("frozen", "shuttle", "tconv", 0)
+    ]
     # shards run concurrently, then one report from all of them: --runs-from
     shards = []
     for task in ("shuttle", "spatial"):
