@@ -74,11 +74,13 @@ suite: $(STAMP)
 # PKS4 against the temporal modules users would insert instead (frame MLP, TSM, ST-Adapter,
 # temporal attention, the scan without the prior, the prior without the scan, VideoMamba's
 # order), each at PKS4's parameter budget, in three regimes (frozen, from scratch, fine-tuned),
-# on two processes of one thread; with --resume a stopped run goes on where it was. Frozen and
-# scratch take about 50 minutes on 2 cores; fine-tuning (mean, tsm, attention, scan, pks4 by
-# default; SUITE_ARGS="--finetune-models all" for every peer) about 3.5 hours more. Every
-# finished run is kept in benchmarks/records/ (tracked: the records behind the README's tables),
-# so that a stopped run goes on from there, on any machine, and the report is rebuilt from them.
+# on two processes of one thread; with --resume a stopped run goes on where it was. 24 epochs
+# frozen, 16 from scratch and fine-tuned (what PKS4's default needs): the frozen regime takes
+# about 55 minutes on 2 cores; from scratch and fine-tuning (mean, tsm, attention, scan, pks4
+# by default; SUITE_ARGS="--finetune-models all" for every peer) take hours more. Every
+# finished run is kept in benchmarks/records/ (tracked: the records behind the README's tables)
+# with its protocol, so that a stopped run goes on from there, on any machine, and the report
+# is rebuilt from them; SUITE_ARGS="--regimes frozen" runs one regime and keeps the others.
 suite-peers: $(STAMP)
 	$(PY) benchmarks/motion_suite.py --peers --report-split test --shards 2 --resume \
 		--out benchmarks/records/motion_peers $(SUITE_ARGS)
