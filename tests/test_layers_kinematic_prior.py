@@ -30,6 +30,65 @@ def test_local_correlation_matches_brute_force():
             k += 1
 
 
+def _correlation_by_windows(current, previous, radius):
+    """The cost volume by autograd through windows of the padded map: the oracle of the
+    hand-written backward."""
+    H, W = current.shape[-2:]
+    padded = torch.nn.functional.pad(previous, (radius,) * 4)
+    side = 2 * radius + 1
+    return torch.stack(
+        [
+            (current * padded[..., dy : dy + H, dx : dx + W]).sum(1)
+            for dy in range(side)
+            for dx in range(side)
+        ],
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,radius", [((2, 3, 5, 4), 2), ((3, 4, 1, 1), 1), ((2, 5, 3, 7), 1), ((1, 2, 6, 6), 3)]
+)
+def test_local_correlation_backward_matches_autograd(shape, radius):
+    """Forward, backward (gradcheck, against autograd through the windows) and double
+    backward, float64; float32 / bf16 / fp16 against float64 on the same values."""
+    torch.manual_seed(0)
+    a = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    def corr(x, y):
+        return local_correlation(x, y, radius)
+
+    assert torch.autograd.gradcheck(corr, (a, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(corr, (a, b), fast_mode=True)
+    g = torch.randn(shape[0], (2 * radius + 1) ** 2, *shape[2:], dtype=torch.float64)
+    got = torch.autograd.grad((corr(a, b) * g).sum(), (a, b))
+    want = torch.autograd.grad((_correlation_by_windows(a, b, radius) * g).sum(), (a, b))
+    for x, y in zip(got, want):
+        assert_close(x, y)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # the same rounded values in float64 are the reference: only the arithmetic differs
+        x = a.detach().to(dtype).requires_grad_()
+        y = b.detach().to(dtype).requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        y64 = y.detach().double().requires_grad_()
+        out = corr(x, y)
+        (out * g.to(dtype)).sum().backward()
+        out64 = corr(x64, y64)
+        (out64 * g.to(dtype).double()).sum().backward()
+        assert out.dtype == x.grad.dtype == y.grad.dtype == dtype
+        # tolerances scaled by the size of the summed terms, not of their (cancelling) sum
+        terms = float(corr(x64.detach().abs(), y64.detach().abs()).max())
+        grad_terms = g.numel() / g.shape[0] * float(g.abs().max()) * terms
+        assert_close(out, out64.detach(), scale=terms)
+        assert_close(x.grad, x64.grad, scale=grad_terms / terms)
+        assert_close(y.grad, y64.grad, scale=grad_terms / terms)
+    # one input only needs a gradient: the other gets none
+    x = a.detach().requires_grad_()
+    local_correlation(x, b.detach(), radius).sum().backward()
+    assert x.grad is not None and x.grad.shape == a.shape
+
+
 @pytest.mark.parametrize("shift", [(1, 0), (0, -1), (-2, 1), (0, 0)])
 def test_recovers_a_known_translation(shift):
     """Frame 1 is frame 0 moved by ``shift`` = (dx, dy) cells: the interior reports that motion."""

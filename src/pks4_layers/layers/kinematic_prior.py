@@ -64,14 +64,69 @@ def local_correlation(current: Tensor, previous: Tensor, radius: int) -> Tensor:
         previous[y + dy_k, x + dx_k]>`` with displacements in row-major order (``dy`` outer);
         positions outside the map correlate to zero.
     """
-    H, W = current.shape[-2:]
-    padded = F.pad(previous, (radius, radius, radius, radius))
-    costs = []
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            shifted = padded[..., dy : dy + H, dx : dx + W]
-            costs.append((current * shifted).sum(dim=1))
-    return torch.stack(costs, dim=1)
+    return _LocalCorrelation.apply(current, previous, radius)
+
+
+def _channels_last(current: Tensor, previous: Tensor, radius: int) -> tuple[Tensor, Tensor]:
+    """``current`` as ``(N, H, W, C)`` and ``previous`` zero-padded by ``radius`` as ``(N, H+2r,
+    W+2r, C)``, both contiguous: every displacement's window is then a run of whole channel
+    vectors, and its dot products reduce along contiguous memory. Half precision is computed
+    in float32 (these copies are made anyway), rounded once at the end."""
+    dtype = torch.float32 if current.element_size() < 4 else current.dtype
+    pad = (radius, radius, radius, radius)
+    return (
+        current.permute(0, 2, 3, 1).to(dtype).contiguous(),
+        F.pad(previous, pad).permute(0, 2, 3, 1).to(dtype).contiguous(),
+    )
+
+
+class _LocalCorrelation(torch.autograd.Function):
+    """:func:`local_correlation`, channels last, with a backward that accumulates every
+    displacement's gradient in place. Autograd through windows of a ``(N, C, H, W)`` map
+    reduced over strided channels and zero-filled a padded-size gradient per displacement: at
+    width 1280 on a 3x3 map that was three quarters of the whole block's time on the CPU, 3.3
+    times this. Only the inputs are saved; the backward is made of differentiable ops, so
+    double backward works."""
+
+    @staticmethod
+    def forward(ctx, current: Tensor, previous: Tensor, radius: int) -> Tensor:
+        ctx.save_for_backward(current, previous)
+        ctx.radius = radius
+        H, W = current.shape[-2:]
+        cur, padded = _channels_last(current, previous, radius)
+        side = 2 * radius + 1
+        costs = [
+            torch.linalg.vecdot(cur, padded[:, dy : dy + H, dx : dx + W])
+            for dy in range(side)
+            for dx in range(side)
+        ]
+        return torch.stack(costs, dim=1).to(current.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        current, previous = ctx.saved_tensors
+        r = ctx.radius
+        H, W = current.shape[-2:]
+        cur, padded = _channels_last(current, previous, r)
+        g = grad.permute(0, 2, 3, 1).unsqueeze(-1).to(cur.dtype)  # (N, H, W, K, 1)
+        side = 2 * r + 1
+        grad_cur = torch.zeros_like(cur) if ctx.needs_input_grad[0] else None
+        # previous[y + dy, x + dx] met current[y, x] with weight grad[k, y, x]: its gradient
+        # gathers grad_k * current at that offset of one padded map, cropped at the end.
+        grad_padded = torch.zeros_like(padded) if ctx.needs_input_grad[1] else None
+        for k in range(side * side):
+            dy, dx = divmod(k, side)
+            if grad_cur is not None:
+                grad_cur.addcmul_(g[..., k, :], padded[:, dy : dy + H, dx : dx + W])
+            if grad_padded is not None:
+                grad_padded[:, dy : dy + H, dx : dx + W].addcmul_(g[..., k, :], cur)
+        grad_current = grad_previous = None
+        if grad_cur is not None:
+            grad_current = grad_cur.permute(0, 3, 1, 2).to(current.dtype)
+        if grad_padded is not None:
+            grad_previous = grad_padded[:, r : r + H, r : r + W].permute(0, 3, 1, 2)
+            grad_previous = grad_previous.to(previous.dtype)
+        return grad_current, grad_previous, None
 
 
 def curl_divergence(velocity: Tensor, H: int, W: int) -> Tensor:
