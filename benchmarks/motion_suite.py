@@ -692,6 +692,13 @@ def pks4_params(width: int, block_kwargs_json: str, peer_budget: str = "pks4") -
     return temporal_num_params("pks4", width, **kwargs)
 
 
+def regime_rates(args: argparse.Namespace, regime: str) -> tuple[float, float]:
+    """The head's learning rate in ``regime`` and the backbone's over it (1 where the backbone
+    is frozen or trains from scratch): what a run trains with and its protocol records."""
+    lr = args.scratch_lr if regime == "scratch" else args.lr
+    return lr, args.finetune_backbone_lr_scale if regime == "finetune" else 1.0
+
+
 def _optimizer(
     model: PKS4VideoClassifier,
     lr: float,
@@ -857,8 +864,7 @@ def train_one(
     def logits(x: Tensor) -> Tensor:
         return head_logits(model, variant, regime, x, grid)
 
-    lr = args.scratch_lr if regime == "scratch" else args.lr
-    backbone_scale = args.finetune_backbone_lr_scale if regime == "finetune" else 1.0
+    lr, backbone_scale = regime_rates(args, regime)
     opt = _optimizer(model, lr, args.weight_decay, variant.block_lr_scale, backbone_scale)
     x_train, y_train = data["train"]
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
@@ -1334,6 +1340,7 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     this one, so that a record of another default or length never enters a table."""
     if variant.temporal in PROBES:
         return {"temporal": variant.temporal}
+    lr, backbone_scale = regime_rates(args, regime)
     protocol = {
         "temporal": variant.temporal,
         "block_kwargs": module_kwargs(args, variant, regime_features(args, regime)[0]),
@@ -1342,13 +1349,13 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
         "head_reads": variant.head_reads,
         "block_lr_scale": variant.block_lr_scale,
         "epochs": args.epochs[regime],
-        "lr": args.scratch_lr if regime == "scratch" else args.lr,
+        "lr": lr,
         "weight_decay": args.weight_decay,
         "batch_size": args.batch_size,
         "train_clips": args.train_clips,
     }
     if regime == "finetune":
-        protocol["backbone_lr_scale"] = args.finetune_backbone_lr_scale
+        protocol["backbone_lr_scale"] = backbone_scale
     return json.loads(json.dumps(protocol))  # as read back from a file: lists, not tuples
 
 
@@ -1380,34 +1387,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     partial = out.with_suffix(".runs.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
-    sources = [partial] if args.resume and partial.exists() else []
-    # Records of --out outside this matrix (other regimes, tasks, models or seeds) stay in its
-    # file: a run of part of the matrix adds to the records, never drops the rest.
+    # --out's own records (with --resume), read once: those outside this matrix (other
+    # regimes, tasks, models or seeds) stay in its file, so that a run of part of the matrix
+    # adds to the records and never drops the rest.
+    own = json.loads(partial.read_text())["runs"] if args.resume and partial.exists() else []
     planned = set(plan)
-    carried = [
-        r
-        for r in (json.loads(partial.read_text())["runs"] if args.resume and sources else [])
-        if _key(r) not in planned
+    carried = [r for r in own if _key(r) not in planned]
+    records = own + [
+        r for f in args.runs_from.split(",") if f for r in json.loads(Path(f).read_text())["runs"]
     ]
-    sources += [Path(f) for f in args.runs_from.split(",") if f]
     protocols = {
         (regime, model): run_protocol(args, regime, VARIANTS[model])
         for regime in args.regimes
         for model in args.models
     }
     stale = 0
-    for source in sources:
+    for r in records:
         # Runs of the same protocol only, where the reported split was evaluated.
-        for r in json.loads(source.read_text())["runs"]:
-            if r.get(f"{args.report_split}_correct") is None:
-                continue
-            protocol = protocols.get((r["regime"], r["model"]))
-            if protocol is None:
-                continue  # not in this matrix
-            if r.get("protocol") != protocol:  # a record from before protocols: none
-                stale += 1
-                continue
-            done[_key(r)] = r
+        if r.get(f"{args.report_split}_correct") is None:
+            continue
+        protocol = protocols.get((r["regime"], r["model"]))
+        if protocol is None:
+            continue  # not in this matrix
+        if r.get("protocol") != protocol:  # a record from before protocols: none
+            stale += 1
+            continue
+        done[_key(r)] = r
     if stale:
         print(
             f"{stale} finished runs of another protocol (length, rates, defaults) not kept",
