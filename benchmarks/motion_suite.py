@@ -214,6 +214,12 @@ VARIANTS: dict[str, Variant] = {
     "st_scan": Variant("st_scan", note="VideoMamba: one bidirectional scan over T*H*W tokens"),
     "pks4": _pks4("PKS4VideoClassifier's defaults (preset motion_only)", preset=None),
     "pks4_preset_features": _pks4("preset features: PKS4Block's defaults, one head"),
+    "pks4_default_motion_bn": _pks4(
+        "PKS4VideoClassifier's defaults, the motion cues standardised over the data "
+        "(motion_norm='batch')",
+        preset=None,
+        motion_norm="batch",
+    ),
     "pks4_default_lr_x3": _pks4(
         "PKS4VideoClassifier's defaults, the block's learning rate x3 (pks4-train "
         "--temporal-lr-scale 3)",

@@ -50,6 +50,8 @@ OPTIONS = [
     {"cues": ("cost", "displacement", "difference", "change")},
     {"cues": ("displacement", "change")},
     {"prior_norm": "layer"},
+    {"motion_norm": "batch"},
+    {"motion_norm": "batch", "cues": ("cost", "displacement", "change", "curl")},
     {"learn_corr_temperature": False, "corr_temperature": 3.0},
     {"dt_min": 1e-2, "dt_max": 1.0},
 ]
@@ -76,6 +78,13 @@ def test_option_identity_at_insertion_and_gradients(options):
 def test_option_streams_like_the_whole_clip(options):
     block = _open(_block(bidirectional=False, **options)).double()
     x = torch.randn(2, 7, 1 + 6, DIM, dtype=torch.float64)
+    if options.get("motion_norm") == "batch":
+        # Batch statistics differ from chunk to chunk in training: a stream runs on the running
+        # ones (evaluation), where every chunking gives the whole clip's answer.
+        with torch.no_grad():
+            block(x * 3 + 1, grid=(2, 3), num_prefix_tokens=1)  # running statistics != (0, 1)
+        assert not torch.allclose(block.prior.motion_bn.running_var, torch.ones(()).double())
+        block.eval()
     whole = block(x, grid=(2, 3), num_prefix_tokens=1)
     state, parts = None, []
     for chunk in x.split([3, 1, 3], dim=1):
@@ -227,6 +236,7 @@ def test_prior_layer_norm_gives_unit_scale_priors():
         ({"cues": ("flow",)}, "cues"),
         ({"cues": ("cost", "cost")}, "cues"),
         ({"prior_norm": "batch"}, "prior_norm"),
+        ({"motion_norm": "layer"}, "motion_norm"),
         ({"corr_temperature": 0.0}, "corr_temperature"),
         ({"dt_min": 0.1, "dt_max": 0.01}, "dt_min"),
     ],

@@ -41,7 +41,7 @@ class PriorAdapter(ResidualTemporalModule):
         kernel_size, activation, bidirectional: as in :class:`TemporalAdapter`.
         prior_dim, radius, corr_dim, diff_dim, cues, corr_temperature: the prior encoder's,
             as in :class:`~pks4_layers.PKS4Block`.
-        learn_corr_temperature, prior_norm: likewise.
+        learn_corr_temperature, prior_norm, motion_norm: likewise.
 
     Shapes (``forward(x, grid=None, num_prefix_tokens=0)``):
         ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)``; ``(B, T, N, C)`` with ``grid=(H, W)`` ->
@@ -66,6 +66,7 @@ class PriorAdapter(ResidualTemporalModule):
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: Literal["layer", "none"] = "layer",
+        motion_norm: Literal["none", "batch"] = "none",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -91,6 +92,7 @@ class PriorAdapter(ResidualTemporalModule):
             corr_temperature=corr_temperature,
             learn_corr_temperature=learn_corr_temperature,
             prior_norm=prior_norm,
+            motion_norm=motion_norm,
         )
         width = self.inner_dim + prior_dim
         self.conv = nn.Conv1d(width, width, kernel_size, groups=width)

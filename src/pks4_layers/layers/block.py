@@ -86,6 +86,8 @@ class PKS4Block(nn.Module):
             sharpness and output normalisation (see :class:`KinematicPriorEncoder`); the
             default LayerNorm on the prior gives its routes the same scale whatever the
             backbone's feature scale.
+        motion_norm: ``"batch"`` standardises the prior's motion cues over the data before the
+            fusion (see :class:`KinematicPriorEncoder`); ``"none"`` fuses them as computed.
         device, dtype: where and in which dtype the parameters are created (the factory
             arguments of timm's and mamba-ssm's modules).
         scan_input: the stream the scan reads: ``"features"`` (the block's normalised
@@ -137,6 +139,7 @@ class PKS4Block(nn.Module):
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: Literal["layer", "none"] = "layer",
+        motion_norm: Literal["none", "batch"] = "none",
         recompute: bool = True,
         scan_input: Literal["features", "prior"] = "features",
         scan_dropout: float = 0.0,
@@ -176,6 +179,7 @@ class PKS4Block(nn.Module):
             corr_temperature=corr_temperature,
             learn_corr_temperature=learn_corr_temperature,
             prior_norm=prior_norm,
+            motion_norm=motion_norm,
         )
         self.scan_input = scan_input
         # Dropout on the features the scan reads (not on the prior): a regulariser against

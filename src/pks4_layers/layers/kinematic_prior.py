@@ -41,6 +41,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ._checks import check_grid, check_same_dtype, check_tokens
+from .masked_batch_norm import MaskedBatchNorm
 from .stream_state import PriorStreamState
 from .weight_decay import no_weight_decay_names
 
@@ -50,6 +51,7 @@ DEFAULT_PRIOR_CUES = ("cost", "displacement", "difference", "change")
 # Central differences along x and y of a (N, 2, H, W) field, zero beyond the map.
 _DIFF_X = (-0.5, 0.0, 0.5)
 PRIOR_NORMS = ("none", "layer")
+MOTION_NORMS = ("none", "batch")
 
 
 def local_correlation(current: Tensor, previous: Tensor, radius: int) -> Tensor:
@@ -165,6 +167,12 @@ class KinematicPriorEncoder(nn.Module):
         learn_corr_temperature: learn that scale (``False`` keeps it fixed).
         prior_norm: ``"layer"`` puts a LayerNorm on the fused prior (unit scale whatever the
             cues' scales), ``"none"`` leaves it as the fusion MLP gives it.
+        motion_norm: ``"batch"`` standardises each motion cue channel (cost volume,
+            displacement, confidence, curl and divergence) over the data before the fusion
+            (:class:`MaskedBatchNorm`: batch statistics in training, running ones in evaluation;
+            the cost volume's padding beyond the map and the frames without a predecessor left
+            out and kept zero), so that the small differences of a small motion reach the fusion
+            at unit scale; ``"none"`` fuses them as computed.
         device, dtype: where and in which dtype the parameters are created.
 
     Shapes:
@@ -184,6 +192,7 @@ class KinematicPriorEncoder(nn.Module):
         corr_temperature: float = 10.0,
         learn_corr_temperature: bool = True,
         prior_norm: Literal["layer", "none"] = "layer",
+        motion_norm: Literal["none", "batch"] = "none",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -206,6 +215,10 @@ class KinematicPriorEncoder(nn.Module):
             raise ValueError(f"corr_temperature: expected > 0, got {corr_temperature!r}")
         if prior_norm not in PRIOR_NORMS:
             raise ValueError(f"prior_norm: expected one of {list(PRIOR_NORMS)}, got {prior_norm!r}")
+        if motion_norm not in MOTION_NORMS:
+            raise ValueError(
+                f"motion_norm: expected one of {list(MOTION_NORMS)}, got {motion_norm!r}"
+            )
         self.dim = dim
         self.prior_dim = prior_dim
         self.radius = radius
@@ -244,6 +257,10 @@ class KinematicPriorEncoder(nn.Module):
             + (2 if "curl" in cues else 0)
         )
         self.change_dim = self.motion_dim + 1 if "change" in cues else 0
+        self.motion_norm = motion_norm
+        self.motion_bn = (
+            MaskedBatchNorm(self.motion_dim) if motion_norm == "batch" and self.motion_dim else None
+        )
         # The motion cues a stream carries to the next chunk: only the change cue reads them.
         self.carried_motion_dim = self.motion_dim if self.change_dim else 0
         fused_in = self.motion_dim + 1 + self.diff_dim + self.change_dim
@@ -441,11 +458,33 @@ class KinematicPriorEncoder(nn.Module):
             if "curl" in self.cues:
                 kept.append(curl_divergence(velocity, H, W))
         later = torch.cat(kept, dim=-1).to(first.dtype)
+        if self.motion_bn is not None:
+            valid = self._valid_motion(H, W, x.device)  # (L, motion_dim)
+            if state is not None:
+                valid = valid & keep[..., None, None]
+            later = self.motion_bn(later, valid)
         if state is None:
             return torch.cat([first, later], dim=1)
         # A stream's first frame has no predecessor either: the same zeros, whatever the
         # (zero) stored features gave.
         return torch.where(keep[..., None, None], later, first.new_zeros(()))
+
+    def _valid_motion(self, H: int, W: int, device: torch.device) -> Tensor:
+        """Which motion cue channels hold data at each location, ``(L, motion_dim)``: the cost of
+        a displacement that reaches beyond the map is padding; the other cues are data."""
+        valid = torch.ones(H * W, self.motion_dim, dtype=torch.bool, device=device)
+        if "cost" in self.cues:
+            r = self.radius
+            offsets = torch.arange(-r, r + 1, device=device)
+            # Displacement k = (dy, dx) in row-major order compares location (y, x) of frame t
+            # with (y + dy, x + dx) of frame t - 1 (local_correlation's order).
+            ys = torch.arange(H, device=device)[:, None] + offsets  # (H, 2r+1)
+            xs = torch.arange(W, device=device)[:, None] + offsets  # (W, 2r+1)
+            inside_y = (ys >= 0) & (ys < H)
+            inside_x = (xs >= 0) & (xs < W)
+            inside = inside_y[:, None, :, None] & inside_x[None, :, None, :]  # (H, W, dy, dx)
+            valid[:, : self.num_displacements] = inside.reshape(H * W, self.num_displacements)
+        return valid
 
     def _match_summary(self, cost: Tensor) -> list[Tensor]:
         """Soft-argmax displacement ``(.., 2)`` and confidence ``(.., 1)`` of a cost volume."""
