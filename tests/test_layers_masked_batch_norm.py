@@ -159,3 +159,31 @@ def test_block_with_motion_norm_has_batch_statistics_only_when_asked():
     assert {"prior.motion_bn.running_mean", "prior.motion_bn.running_var"} <= set(
         block.state_dict()
     )
+
+
+@pytest.mark.slow
+def test_block_with_motion_norm_compiles_without_graph_breaks():
+    # The running statistics are buffers updated in place in training: Dynamo must trace that
+    # (fullgraph) and the compiled block must update them as the eager one does.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = PKS4Block(16, prior_dim=6, d_state=4, motion_norm="batch", bidirectional=False)
+    with torch.no_grad():
+        eager.scan.out_proj.weight.normal_(std=0.1)
+    compiled_block = PKS4Block(16, prior_dim=6, d_state=4, motion_norm="batch", bidirectional=False)
+    compiled_block.load_state_dict(eager.state_dict())
+    run = torch.compile(compiled_block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 16, 3, 3)
+    try:
+        for _ in range(2):
+            out, out_c = eager(x), run(x)
+            assert_close(out_c, out)
+        for name in ("running_mean", "running_var"):
+            assert_close(
+                getattr(compiled_block.prior.motion_bn, name),
+                getattr(eager.prior.motion_bn, name),
+            )
+        out_c.square().mean().backward()
+        assert compiled_block.scan.out_proj.weight.grad is not None
+    finally:
+        torch._dynamo.reset()
