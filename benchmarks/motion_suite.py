@@ -207,18 +207,18 @@ VARIANTS: dict[str, Variant] = {
     "scan": Variant("scan", note="PKS4Block without its kinematic prior"),
     "prior_adapter": Variant(
         "prior_adapter",
-        (("corr_dim", None), ("cues", MOTION_ONLY_CURL["cues"])),
+        (("corr_dim", None), ("cues", MOTION_ONLY_CURL["cues"]), ("motion_norm", "batch")),
         note="the kinematic prior of PKS4's default (its cues, no learnt reduction) fed to the "
         "adapter",
     ),
     "st_scan": Variant("st_scan", note="VideoMamba: one bidirectional scan over T*H*W tokens"),
     "pks4": _pks4("PKS4VideoClassifier's defaults (preset motion_only)", preset=None),
     "pks4_preset_features": _pks4("preset features: PKS4Block's defaults, one head"),
-    "pks4_default_motion_bn": _pks4(
-        "PKS4VideoClassifier's defaults, the motion cues standardised over the data "
-        "(motion_norm='batch')",
+    "pks4_default_motion_raw": _pks4(
+        "PKS4VideoClassifier's defaults, the motion cues not standardised (motion_norm='none', "
+        "the preset before it chose 'batch')",
         preset=None,
-        motion_norm="batch",
+        motion_norm="none",
     ),
     "pks4_default_lr_x3": _pks4(
         "PKS4VideoClassifier's defaults, the block's learning rate x3 (pks4-train "
@@ -1349,7 +1349,12 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     lr, backbone_scale = regime_rates(args, regime)
     protocol = {
         "temporal": variant.temporal,
-        "block_kwargs": module_kwargs(args, variant, regime_features(args, regime)[0]),
+        # Resolved through the preset: a record of a preset before its arguments changed is
+        # not today's.
+        "block_kwargs": preset_block_kwargs(
+            resolve_preset(variant.preset, temporal=variant.temporal),
+            module_kwargs(args, variant, regime_features(args, regime)[0]),
+        ),
         "preset": resolve_preset(variant.preset, temporal=variant.temporal),
         "readout": readout_of(args, variant),
         "head_reads": variant.head_reads,

@@ -53,6 +53,9 @@ def test_pks4_gets_the_content_free_block_and_two_heads(frozen):
     assert model.motion_head is not None
     assert model.temporal.scan_input == "prior" and not model.temporal.prior.reduces
     assert tuple(model.temporal.prior.cues) == PRESETS["motion_only"].block_kwargs["cues"]
+    # its motion cues standardised over the data: batch statistics, kept with the model
+    assert model.temporal.prior.motion_norm == "batch"
+    assert "temporal.prior.motion_bn.running_var" in model.state_dict()
     assert model.init_config["preset"] == "motion_only"
     assert model.init_config["block_kwargs"] == SMALL  # the user's, not merged
 

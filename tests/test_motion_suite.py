@@ -232,6 +232,9 @@ def test_epochs_per_regime() -> None:
     pks4 = motion_suite.VARIANTS["pks4"]
     frozen = motion_suite.run_protocol(args, "frozen", pks4)
     assert frozen["epochs"] == 24 and frozen["preset"] == "motion_only"
+    # the preset's arguments resolved: a record of the preset before they changed is not kept
+    assert frozen["block_kwargs"]["motion_norm"] == "batch"
+    assert frozen["block_kwargs"]["scan_input"] == "prior"
     assert motion_suite.run_protocol(args, "scratch", pks4)["epochs"] == 16
     features = motion_suite.run_protocol(
         args, "frozen", motion_suite.VARIANTS["pks4_preset_features"]
