@@ -530,6 +530,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "tasks or seeds) whose finished runs are kept, as with --resume: run shards of the "
         "matrix concurrently, then once more with all of them to report",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the finished runs of the plan in --out's records (its "
+        "shards' with --shards, and --runs-from), keeping only the (regime, task, seed) cells "
+        "in which every planned model finished, so that every comparison stays paired",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument(
         "--shards",
@@ -1370,10 +1377,23 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     return json.loads(json.dumps(protocol))  # as read back from a file: lists, not tuples
 
 
+def complete_cells(
+    runs: list[dict[str, Any]], missing: list[tuple[str, str, str, int]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The runs of the (regime, task, seed) cells that no ``missing`` run belongs to, and how
+    many such cells there are: a model compared on a cell the reference has not finished (or
+    the other way round) would not be paired."""
+    gaps = {(regime, task, seed) for regime, task, _, seed in missing}
+    kept = [r for r in runs if (r["regime"], r["task"], r["seed"]) not in gaps]
+    return kept, len({(r["regime"], r["task"], r["seed"]) for r in kept})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.shards > 1 and not args.shard:
-        if not run_shards(args, sys.argv[1:] if argv is None else list(argv)):
+        if not args.report_only and not run_shards(
+            args, sys.argv[1:] if argv is None else list(argv)
+        ):
             return 1
         args.runs_from = ",".join(
             [*filter(None, args.runs_from.split(",")), *map(str, shard_runs(args))]
@@ -1401,7 +1421,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # --out's own records (with --resume), read once: those outside this matrix (other
     # regimes, tasks, models or seeds) stay in its file, so that a run of part of the matrix
     # adds to the records and never drops the rest.
-    own = json.loads(partial.read_text())["runs"] if args.resume and partial.exists() else []
+    keep_own = args.resume or args.report_only
+    own = json.loads(partial.read_text())["runs"] if keep_own and partial.exists() else []
     planned = set(plan)
     carried = [r for r in own if _key(r) not in planned]
     records = own + [
@@ -1430,11 +1451,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
     runs: list[dict[str, Any]] = []
+    missing: list[tuple[str, str, str, int]] = []
     start = time.perf_counter()
     for task in args.tasks:
         for seed in args.seeds:
             todo = [p for p in plan if p[1] == task and p[3] == seed and p not in done]
             runs += [done[p] for p in plan if p[1] == task and p[3] == seed and p in done]
+            if args.report_only:
+                missing += todo
+                continue
             if not todo:
                 continue
             clips = load_clips(args, task, seed)
@@ -1477,6 +1502,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     aside = partial.with_name(partial.name + ".tmp")
                     aside.write_text(json.dumps({"config": vars(args), "runs": carried + runs}))
                     aside.replace(partial)
+    if missing:
+        runs, cells = complete_cells(runs, missing)
+        print(
+            f"--report-only: {len(missing)} of {len(plan)} planned runs not finished; reported: "
+            f"the {cells} (regime, task, seed) cells in which every planned model finished",
+            file=sys.stderr,
+        )
+    if not runs:
+        print("nothing to report: no finished run of the plan", file=sys.stderr)
+        return 1
     order = {p: i for i, p in enumerate(plan)}
     runs.sort(key=lambda r: order[_key(r)])
     # Measured once, by the process that reports (not by shards running side by side).
@@ -1495,6 +1530,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"seeds {','.join(map(str, args.seeds))}, each drawing its own clips); "
         f"95% intervals: bootstrap over seeds and clips; differences paired on the same clips."
     )
+    if missing:
+        header += (
+            f" Part of the plan: {len(missing)} of {len(plan)} runs not finished; a (regime, "
+            f"task, seed) cell is reported only where every model finished it."
+        )
     table = header + "\n\n" + table
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)

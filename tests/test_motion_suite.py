@@ -684,3 +684,44 @@ def test_readout_flag_gives_every_model_but_the_frame_average_the_factored_reado
         else:
             expected = F.cross_entropy(model.forward_head(model.pool(out)), y)
         torch.testing.assert_close(loss, expected, msg=name)
+
+
+def test_report_only_trains_nothing_and_keeps_the_complete_cells(tmp_path: Path, capsys) -> None:
+    """--report-only: the finished runs of the plan, reported without training; a (regime,
+    task, seed) cell that one model has not finished is left out for every model."""
+    out = tmp_path / "partial"
+    argv = [
+        "--regimes=scratch",
+        "--tasks=shuttle",
+        "--models=mean,tconv",
+        "--seeds=0,1",
+        "--epochs=1",
+        "--frames=3",
+        "--size=32",
+        "--scratch-size=32",
+        "--scratch-width=8",
+        "--train-clips=4",
+        "--val-clips=4",
+        "--test-clips=3",
+        "--batch-size=4",
+        f"--data-root={tmp_path / 'data'}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    assert motion_suite.main(argv) == 0
+    records = out.with_suffix(".runs.json")
+    saved = json.loads(records.read_text())
+    # tconv's seed 1 never finished
+    saved["runs"] = [r for r in saved["runs"] if (r["model"], r["seed"]) != ("tconv", 1)]
+    records.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert motion_suite.main([*argv, "--report-only"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 4 planned runs not finished" in err and "[1/" not in err  # nothing trained
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert {(r["model"], r["seed"]) for r in report["runs"]} == {("mean", 0), ("tconv", 0)}
+    assert json.loads(records.read_text())["runs"] == saved["runs"]  # the records untouched
+    assert "Part of the plan: 1 of 4 runs" in out.with_suffix(".md").read_text()
+    # nothing finished at all: an error, not an empty table
+    records.write_text(json.dumps({"config": {}, "runs": []}))
+    assert motion_suite.main([*argv, "--report-only"]) == 1
