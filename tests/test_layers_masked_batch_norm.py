@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pks4_layers import PKS4Block
 from pks4_layers.layers.kinematic_prior import KinematicPriorEncoder, local_correlation
-from pks4_layers.layers.masked_batch_norm import MaskedBatchNorm
+from pks4_layers.layers.masked_batch_norm import MaskedBatchNorm, convert_sync_masked_batch_norm
 from tolerances import assert_close
 
 
@@ -187,3 +188,104 @@ def test_block_with_motion_norm_compiles_without_graph_breaks():
         assert compiled_block.scan.out_proj.weight.grad is not None
     finally:
         torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ across processes (sync)
+def _sync_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of 4 clips' motion cues, a mask, loss weights, and a block's input."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 3, 6, generator=g, dtype=torch.float64) * 2 + 1
+    mask = torch.rand(4, 5, 3, 1, generator=g) < 0.7
+    weights = torch.randn(4, 5, 3, 6, generator=g, dtype=torch.float64)
+    clips = torch.randn(4, 3, 16, 4, 4, generator=g, dtype=torch.float64)
+    return x, mask, weights, clips
+
+
+def _sync_block() -> nn.Module:
+    torch.manual_seed(0)
+    block = PKS4Block(16, prior_dim=6, d_state=4, motion_norm="batch").double()
+    with torch.no_grad():
+        block.scan.out_proj.weight.normal_(std=0.1)  # not the identity: the output shows the stats
+    return block
+
+
+def _sync_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes, each with half of the batch of :func:`_sync_inputs`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, mask, weights, clips = (t[2 * rank : 2 * rank + 2] for t in _sync_inputs())
+        norm = convert_sync_masked_batch_norm(MaskedBatchNorm(6).double())
+        x.requires_grad_(True)
+        out = norm(x, mask)
+        (out * weights).sum().backward()
+        block = convert_sync_masked_batch_norm(_sync_block())
+        clips.requires_grad_(True)
+        y = block(clips)
+        y.square().sum().backward()
+        torch.save(
+            {
+                "out": out.detach(),
+                "grad": x.grad,
+                "running": (norm.running_mean, norm.running_var),
+                "block_out": y.detach(),
+                "block_grad": clips.grad,
+                "block_running": block.prior.motion_bn.running_mean,
+            },
+            f"{out_dir}/{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_synced_statistics_on_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    """Two gloo processes with two clips each standardise, back-propagate and update the
+    running statistics as one process with all four clips: outputs, input gradients (through
+    the statistics of the other process's clips too) and running averages."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+
+    x, mask, weights, clips = _sync_inputs()
+    norm = MaskedBatchNorm(6).double()
+    x.requires_grad_(True)
+    out = norm(x, mask)
+    (out * weights).sum().backward()
+    block = _sync_block()
+    clips.requires_grad_(True)
+    y = block(clips)
+    y.square().sum().backward()
+
+    assert_close(torch.cat([r["out"] for r in ranks]), out.detach())
+    assert_close(torch.cat([r["grad"] for r in ranks]), x.grad)
+    assert_close(torch.cat([r["block_out"] for r in ranks]), y.detach())
+    assert_close(torch.cat([r["block_grad"] for r in ranks]), clips.grad)
+    for r in ranks:
+        assert_close(r["running"][0], norm.running_mean)
+        assert_close(r["running"][1], norm.running_var)
+        assert_close(r["block_running"], block.prior.motion_bn.running_mean)
+    # Without sync, each process's half has its own statistics: the test can tell.
+    half = MaskedBatchNorm(6).double()(x[:2].detach(), mask[:2])
+    assert not torch.allclose(half, out[:2].detach())
+
+
+def test_sync_without_a_process_group_computes_locally():
+    x, mask, _, _ = _sync_inputs()
+    plain, synced = MaskedBatchNorm(6).double(), MaskedBatchNorm(6, sync=True).double()
+    assert_close(synced(x, mask), plain(x, mask))
+    assert "sync=True" in repr(synced) and "sync" not in repr(plain)
+
+
+def test_convert_sets_sync_on_every_masked_batch_norm_and_returns_the_module():
+    block = PKS4Block(16, prior_dim=6, d_state=4, motion_norm="batch")
+    assert not block.prior.motion_bn.sync
+    assert convert_sync_masked_batch_norm(block, process_group="g") is block
+    assert block.prior.motion_bn.sync and block.prior.motion_bn.process_group == "g"

@@ -110,7 +110,8 @@ def test_cli_trains_evaluates_and_resumes(data_root, tmp_path):
 @pytest.mark.slow
 def test_two_gloo_processes_agree_with_each_other_and_with_one_process(data_root, tmp_path):
     """torchrun, 2 CPU processes, gloo: both ranks end with identical parameters, and those
-    and the validation metrics match one process that takes the same global batches."""
+    and the validation metrics match one process that takes the same global batches (the
+    default preset's batch statistics synchronised across the processes)."""
     per_rank_batch = 2
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_dir.mkdir()
@@ -120,10 +121,8 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(data_root
     def write_config(folder: Path, batch: int) -> Path:
         cfg = {**BASE, "data_root": str(data_root), "output_dir": str(folder / "run")}
         cfg["batch_size"] = batch
-        # A model without batch statistics: the classifier's default standardises its motion
-        # cues over each process's batch, as BatchNorm does, which no loop can make equal to
-        # one process's larger batch.
-        cfg["preset"] = "features"
+        # The classifier's default preset: its motion cues are standardised over the batch,
+        # which pks4-train synchronises across the processes.
         path = folder / "config.json"
         path.write_text(json.dumps(cfg))
         return path
@@ -157,6 +156,11 @@ def test_two_gloo_processes_agree_with_each_other_and_with_one_process(data_root
     # different summation orders are amplified, and only the metrics below are compared.)
     for key in (k for k in trained if k.startswith("head.")):
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-3, atol=1e-4, msg=key)
+    # The motion cues' running statistics: over the global batch, as the single process's.
+    stats = [k for k in rank0 if "motion_bn.running" in k]
+    assert stats, "the default preset standardises the motion cues"
+    for key in stats:
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
     # Training moved the parameters: the block's output projection starts at zero.
     out_proj = [k for k in trained if "out_proj.weight" in k]
     assert out_proj and all(rank0[k].abs().sum() > 0 for k in out_proj)

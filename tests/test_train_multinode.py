@@ -101,8 +101,8 @@ def _write_config(folder: Path, data_root: Path, **values) -> Path:
     # follows the same schedule as a run of 2 epochs from the start.
     cfg = {**_e2e().BASE, "data_root": str(data_root), "output_dir": str(folder / "run")}
     # No batch statistics (preset features): the classifier's default standardises its motion
-    # cues over each batch, as BatchNorm does, so a micro-batch or a process's share of the
-    # global batch could not reproduce the big batch's steps.
+    # cues over each batch, as BatchNorm does; pks4-train synchronises them across processes,
+    # but each accumulated micro-batch has its own, which the big batch's steps do not.
     cfg.update({"min_lr_ratio": 1.0, "preset": "features", **values})
     path = folder / "config.json"
     path.write_text(json.dumps(cfg))

@@ -7,14 +7,23 @@ linear fusion trained for a few hundred steps cannot scale a thousandth up to a 
 standardisation of each channel over the training data can (what the suite's cost-volume probe
 does). The padding zeros and the frames without a predecessor are not data: they are left out
 of the statistics and stay zero, the mean of what is kept.
+
+Under data parallelism each process sees its share of the batch:
+:func:`convert_sync_masked_batch_norm` makes every ``MaskedBatchNorm`` of a model compute its
+statistics over all processes' entries (as :class:`torch.nn.SyncBatchNorm` does for
+BatchNorm), so that N processes with B clips each standardise as one process with N * B clips
+would.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+__all__ = ["MaskedBatchNorm", "convert_sync_masked_batch_norm"]
 
 
 class MaskedBatchNorm(nn.Module):
@@ -27,6 +36,11 @@ class MaskedBatchNorm(nn.Module):
         num_features: channels ``C``.
         eps: added to the variance.
         momentum: weight of the batch in the running averages.
+        sync: in training, sum the statistics' counts, sums and squared deviations over the
+            processes of ``process_group`` (every process must call forward the same number of
+            times, as with :class:`torch.nn.SyncBatchNorm`); without an initialised process
+            group it computes them locally. Set by :func:`convert_sync_masked_batch_norm`.
+        process_group: the processes to synchronise (``None``: the default group).
 
     Shapes:
         ``x``: ``(..., C)``; ``mask``: bool, broadcastable to ``x``.
@@ -39,6 +53,8 @@ class MaskedBatchNorm(nn.Module):
         *,
         eps: float = 1e-5,
         momentum: float = 0.1,
+        sync: bool = False,
+        process_group: Optional[Any] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -52,6 +68,8 @@ class MaskedBatchNorm(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
+        self.sync = bool(sync)
+        self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -70,9 +88,18 @@ class MaskedBatchNorm(nn.Module):
         if self.training:
             weight = keep.to(compute).flatten(0, -2)
             values = x32.flatten(0, -2)
-            count = weight.sum(0)  # (C,)
-            mean = (values * weight).sum(0) / count.clamp_min(1.0)
-            var = ((values - mean).square() * weight).sum(0) / count.clamp_min(1.0)
+            synced = self._synced()
+            # Two passes (the mean first, then the squared deviations from it): exact sums
+            # across processes without the cancellation of a sum of squares.
+            count_sum = torch.stack([weight.sum(0), (values * weight).sum(0)])  # (2, C)
+            if synced:
+                count_sum = _all_reduce_sum(count_sum, self.process_group)
+            count, total = count_sum.unbind(0)
+            mean = total / count.clamp_min(1.0)
+            sq_dev = ((values - mean).square() * weight).sum(0)
+            if synced:
+                sq_dev = _all_reduce_sum(sq_dev, self.process_group)
+            var = sq_dev / count.clamp_min(1.0)
             # A channel the batch has fewer than two entries of keeps the running statistics.
             seen = count >= 2
             running_mean = self.running_mean.to(compute)
@@ -94,5 +121,41 @@ class MaskedBatchNorm(nn.Module):
         out = (x32 - mean) * torch.rsqrt(var + self.eps)
         return torch.where(keep, out, out.new_zeros(())).to(x.dtype)
 
+    def _synced(self) -> bool:
+        """Whether this call sums its statistics across processes."""
+        return (
+            self.sync
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        sync = ", sync=True" if self.sync else ""
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{sync}"
+
+
+def _all_reduce_sum(x: Tensor, group: Optional[Any]) -> Tensor:
+    """The sum of ``x`` over the processes of ``group``, differentiable: the gradient of each
+    process's input is the sum of the processes' gradients of the result (what the
+    statistics' every consumer contributes)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(
+        x, op=dist.ReduceOp.SUM, group=group if group is not None else dist.group.WORLD
+    )
+
+
+def convert_sync_masked_batch_norm(
+    module: nn.Module, process_group: Optional[Any] = None
+) -> nn.Module:
+    """Make every :class:`MaskedBatchNorm` in ``module`` compute its training statistics over
+    the processes of ``process_group`` (``None``: the default group) and return ``module``
+    (changed in place). Call it before wrapping the model in
+    :class:`~torch.nn.parallel.DistributedDataParallel`; ``pks4-train`` does when it runs on
+    more than one process."""
+    for m in module.modules():
+        if isinstance(m, MaskedBatchNorm):
+            m.sync = True
+            m.process_group = process_group
+    return module

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from ..layers.masked_batch_norm import convert_sync_masked_batch_norm
 from ..models.classifier import combine_heads, factored_loss
 from .checkpoint import check_checkpoint_fits, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -730,6 +731,10 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
 
     base = _unwrap(model)
     if env.distributed:
+        # The motion cues' batch statistics over every process's clips: N processes then
+        # standardise as one process with the global batch would (accumulated micro-batches
+        # still have their own, as with BatchNorm).
+        convert_sync_masked_batch_norm(model)
         model = DistributedDataParallel(
             model, device_ids=[env.device] if env.device.type == "cuda" else None
         )
