@@ -64,13 +64,14 @@ from pks4_layers.data.benchmark import TASKS
 from pks4_layers.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pks4_layers.layers.kinematic_prior import local_correlation
 from pks4_layers.models import (
+    PRESETS,
     PKS4VideoClassifier,
     create_temporal,
     preset_block_kwargs,
     resolve_preset,
 )
 from pks4_layers.models.backbone import Features, FrameBackbone, create_backbone
-from pks4_layers.models.classifier import READOUTS, ClassifierHead, combine_heads, factored_loss
+from pks4_layers.models.classifier import READOUTS, ClassifierHead, factored_loss
 from pks4_layers.models.flops import count_flops
 from pks4_layers.models.temporal_heads import PEER_KINDS, inner_dim_for_params, temporal_num_params
 from pks4_layers.train.optim import optimizer_param_groups
@@ -157,6 +158,7 @@ class Variant:
         return dict(self.block_kwargs)
 
 
+READOUT_SCALES = ("fit", "ones")
 HEAD_READS = ("output", "contribution", "content_drop", "two_stream", "two_heads", "two_heads_raw")
 FACTORED_READS = ("two_heads", "two_heads_raw")  # the classifier's readout="factored"
 # The share of training clips whose head input is the module's contribution alone (no rescaling
@@ -463,6 +465,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="the classifiers' readout (PKS4VideoClassifier's readout) for every model whose "
         "head reads the module's output (auto: the classifier's preset's); the frame average "
         "keeps one head",
+    )
+    p.add_argument(
+        "--readout-scales",
+        choices=READOUT_SCALES,
+        default="fit",
+        help="a factored readout's weights of its two heads: 'fit', fitted on the val split "
+        "after training (PKS4VideoClassifier.calibrate_readout, what pks4-train does); "
+        "'ones', the two heads' log-probabilities summed as trained",
     )
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--event-frames", type=int, default=16, help="frames of the event task")
@@ -827,7 +837,7 @@ def head_logits(
         pooled = torch.cat([F.layer_norm(v, v.shape[-1:]) for v in streams], dim=-1)
         return model.forward_head(pooled)
     elif model.motion_head is not None:  # "two_heads", or --readout factored
-        return combine_heads(*model.forward_heads(feats, out))
+        return model.combine_heads(*model.forward_heads(feats, out))
     return model.forward_head(model.pool(out))
 
 
@@ -919,6 +929,12 @@ def train_one(
                 flush=True,
             )
     train_time = time.perf_counter() - start
+    readout_scales = None
+    if model.motion_head is not None and args.readout_scales == "fit":
+        # The factored readout's two weights, fitted on val (as pks4-train does): the val
+        # accuracy below is then where they were fitted; the history's last is before.
+        readout_scales = calibrate_on(model, regime, *data["val"], grid, eval_batch)
+        val_correct = evaluate(model, logits, *data["val"], eval_batch)
     # The test split: the final model, once, after every choice was made on val.
     test = (
         evaluate(model, logits, *data["test"], eval_batch) if args.report_split == "test" else None
@@ -927,7 +943,8 @@ def train_one(
     temporal = sum(p.numel() for p in model.temporal.parameters())
     x_val, y_val = data["val"]
     return {
-        "final_val_top1": history[-1]["val_top1"],
+        "final_val_top1": 100.0 * statistics.fmean(val_correct),
+        "readout_scales": readout_scales,
         "best_val_top1": max(h["val_top1"] for h in history),
         "val_correct": val_correct,
         "test_correct": test,
@@ -938,6 +955,22 @@ def train_one(
         "train_time_s": train_time,
         **order_check(lambda x: evaluate(model, logits, x, y_val, eval_batch), x_val, seed),
     }
+
+
+def calibrate_on(
+    model: PKS4VideoClassifier, regime: str, x: Tensor, y: Tensor, grid: tuple[int, int], batch: int
+) -> list[float]:
+    """Fit a factored readout's two weights on held-out ``x``, ``y`` (``x`` as in
+    :func:`_forward`): :meth:`PKS4VideoClassifier.calibrate_readout`; the weights, (content,
+    motion)."""
+    model.eval()
+    with torch.no_grad():
+        heads = [
+            model.forward_heads(*_forward(model, regime, x[i : i + batch], grid))
+            for i in range(0, len(x), batch)
+        ]
+    content, motion = (torch.cat(h) for h in zip(*heads))
+    return model.calibrate_readout(content, motion, y).tolist()
 
 
 # The features each regime's temporal module sees: (channels, map side) at --size / --scratch-size.
@@ -1374,6 +1407,10 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     }
     if regime == "finetune":
         protocol["backbone_lr_scale"] = backbone_scale
+    readout = protocol["readout"] or PRESETS[protocol["preset"]].readout
+    if readout == "factored" and args.readout_scales == "fit":
+        # (a record without the key summed the heads as trained: --readout-scales ones)
+        protocol["readout_scales"] = "fit"
     return json.loads(json.dumps(protocol))  # as read back from a file: lists, not tuples
 
 

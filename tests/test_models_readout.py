@@ -14,6 +14,7 @@ from pks4_layers.models import (
     PKS4VideoClassifier,
     combine_heads,
     factored_loss,
+    fit_readout_scales,
 )
 from tiny_backbone import TinyCNN
 from tolerances import assert_close
@@ -230,3 +231,135 @@ def test_the_cli_builds_a_factored_classifier_and_its_loop_trains_each_head_on_i
     out = train_one_epoch(model, [(x, labels, 0)], optimizer, scheduler, None, cfg, env, None, 0)
     assert out["train_loss"] == pytest.approx(expected, rel=1e-5)
     assert not torch.equal(motion_before, model.motion_head.fc.weight)
+
+
+# ------------------------------------------------------------- calibrated weights of the heads
+def _heads_with_one_cue(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels, logits that tell them (a margin of 3 plus noise), and confident logits that
+    do not (what a head gives on clips of a task its cue cannot read)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    informative = 3.0 * F.one_hot(labels, CLASSES) + torch.randn(n, CLASSES, generator=g)
+    noise = 4.0 * torch.randn(n, CLASSES, generator=g)
+    return labels, informative, noise
+
+
+@pytest.mark.parametrize("cue", ["content", "motion"])
+def test_fitted_weights_silence_the_head_whose_cue_does_not_tell_the_class(cue):
+    labels, informative, noise = _heads_with_one_cue(256, seed=1)
+    content, motion = (informative, noise) if cue == "content" else (noise, informative)
+    scales = fit_readout_scales(content, motion, labels)
+    assert scales.shape == (2,) and scales.dtype == torch.float32 and (scales > 0).all()
+    good, bad = (scales[0], scales[1]) if cue == "content" else (scales[1], scales[0])
+    assert good > 10 * bad
+    # On clips the weights were not fitted on: the calibrated sum beats the plain one and
+    # does as well as the informative head alone.
+    labels, informative, noise = _heads_with_one_cue(512, seed=2)
+    content, motion = (informative, noise) if cue == "content" else (noise, informative)
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return (logits.argmax(-1) == labels).float().mean().item()
+
+    calibrated = accuracy(combine_heads(content, motion, scales))
+    assert calibrated > accuracy(combine_heads(content, motion)) + 0.1
+    assert calibrated >= accuracy(informative) - 0.01
+
+
+def test_weights_of_ones_are_the_plain_sum_and_both_cues_keep_weight():
+    labels, informative, _ = _heads_with_one_cue(64, seed=3)
+    other = informative.flip(0).roll(1, -1)
+    assert_close(
+        combine_heads(informative, other, torch.ones(2)),
+        combine_heads(informative, other),
+    )
+    g = torch.Generator().manual_seed(4)
+    second = 3.0 * F.one_hot(labels, CLASSES) + torch.randn(64, CLASSES, generator=g)
+    scales = fit_readout_scales(informative, second, labels)
+    assert scales.min() > 0.3 * scales.max()  # two heads that both tell the class
+
+
+@pytest.mark.parametrize(
+    "content, motion, labels, match",
+    [
+        (torch.zeros(4, 3), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), "same shape"),
+        (torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.long), "same shape"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3, dtype=torch.long), r"shape \(4,\)"),
+        (torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), "at least one"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 3]), r"in \[0, 3\)"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.0, 1.0]), "integer classes"),
+    ],
+)
+def test_fit_readout_scales_names_the_bad_argument(content, motion, labels, match):
+    with pytest.raises(ValueError, match=match):
+        fit_readout_scales(content, motion, labels)
+
+
+def test_calibrate_readout_keeps_the_weights_in_the_state_and_forward_uses_them(tmp_path):
+    model, size = _model()
+    model.eval()
+    assert torch.equal(model.readout_scales, torch.ones(2, dtype=torch.float64))
+    x, labels = _clip(size), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        content, motion = model(x, return_heads=True)
+    scales = model.calibrate_readout(content, motion, labels)
+    assert_close(scales, fit_readout_scales(content, motion, labels).double())
+    assert torch.equal(model.readout_scales, scales)
+    assert not torch.allclose(scales, torch.ones_like(scales))
+    expected = scales[0] * content.log_softmax(-1) + scales[1] * motion.log_softmax(-1)
+    assert_close(model(x), expected)
+    # The weights travel with the state dict; a state saved before they existed loads as
+    # the plain sum.
+    fresh, _ = _model()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.readout_scales, scales)
+    old = {k: v for k, v in model.state_dict().items() if k != "readout_scales"}
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.readout_scales, torch.ones_like(scales))
+
+
+def test_one_head_has_no_weights_to_calibrate():
+    torch.manual_seed(0)
+    model = PKS4VideoClassifier(
+        FrameBackbone(TinyCNN(), num_features=8),
+        CLASSES,
+        T,
+        block_kwargs=dict(prior_dim=6, d_state=4),
+        readout="output",
+    )
+    assert not hasattr(model, "readout_scales")
+    z = torch.zeros(2, CLASSES)
+    with pytest.raises(ValueError, match="readout: expected 'factored' to calibrate"):
+        model.calibrate_readout(z, z, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="readout: expected 'factored' for two heads"):
+        model.combine_heads(z, z)
+
+
+def test_evaluation_with_calibrate_fits_the_weights_and_scores_the_calibrated_model():
+    from pks4_layers.train import TrainConfig
+    from pks4_layers.train.distributed import DistEnv
+    from pks4_layers.train.engine import evaluate
+
+    model, size = _model()
+    g = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(B, T, 3, size, size, generator=g, dtype=torch.float64), torch.tensor(y))
+        for y in ([0, 1, 2], [3, 0, 1], [2, 2, 3])
+    ]
+    cfg = TrainConfig(progress=False)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    plain = evaluate(model, batches, cfg, env, None)
+    assert torch.equal(model.readout_scales, torch.ones(2, dtype=torch.float64))
+    metrics = evaluate(model, batches, cfg, env, None, calibrate=True)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        content, motion = model(x, return_heads=True)
+    # (the heads' logits are kept in float32 until the weights are fitted)
+    expected = fit_readout_scales(content.float(), motion.float(), y).double()
+    assert_close(model.readout_scales, expected)
+    with torch.no_grad():
+        logits = model(x)
+    loss = F.nll_loss(logits.softmax(-1).log(), y).item()
+    assert metrics["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["val_top1"] == pytest.approx(100 * (logits.argmax(-1) == y).double().mean())
+    assert metrics["val_loss"] < plain["val_loss"]  # fitted on these clips: never worse

@@ -64,11 +64,17 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
         assert [h["epoch"] for h in run["history"]] == epochs
         assert all(0.0 <= h["val_top1"] <= 100.0 for h in run["history"])
         assert all(h["train_loss"] > 0 for h in run["history"])
-        assert run["final_val_top1"] == run["history"][-1]["val_top1"]
+        if run.get("readout_scales") is None:
+            assert run["final_val_top1"] == run["history"][-1]["val_top1"]
+        else:  # a factored readout, its heads' weights fitted on val after the last epoch
+            assert run["model"].startswith("pks4") and run["protocol"]["readout_scales"] == "fit"
+            assert len(run["readout_scales"]) == 2 and min(run["readout_scales"]) > 0
         # per clip: the last epoch's validation, and the test split once
         assert len(run["val_correct"]) == 6 and set(run["val_correct"]) <= {0, 1}
         assert 100.0 * sum(run["val_correct"]) / 6 == pytest.approx(run["final_val_top1"])
         assert len(run["test_correct"]) == 4 and set(run["test_correct"]) <= {0, 1}
+    calibrated = {r["model"] for r in runs if r.get("readout_scales") is not None}
+    assert calibrated == {"pks4"}  # the classifier's default (inner256: preset features)
     # each seed draws its own clips: the data directories differ, and so do the clips
     data = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert data == ["32px-4f-seed0", "32px-4f-seed1"]

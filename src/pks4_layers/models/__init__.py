@@ -1,7 +1,13 @@
 """Video models: per-frame 2D backbones, temporal modules and the PKS4 video classifier."""
 
 from .backbone import Features, FrameBackbone, create_backbone
-from .classifier import ClassifierHead, PKS4VideoClassifier, combine_heads, factored_loss
+from .classifier import (
+    ClassifierHead,
+    PKS4VideoClassifier,
+    combine_heads,
+    factored_loss,
+    fit_readout_scales,
+)
 from .flops import FlopCount, ModelReport, count_flops, model_report
 from .presets import PRESETS, Preset, preset_block_kwargs, resolve_preset
 from .pretrained import efficientnet_lite0
@@ -34,6 +40,7 @@ __all__ = [
     "create_temporal",
     "efficientnet_lite0",
     "factored_loss",
+    "fit_readout_scales",
     "inner_dim_for_params",
     "insert_temporal",
     "model_report",

@@ -23,17 +23,70 @@ __all__ = [
     "PKS4VideoClassifier",
     "combine_heads",
     "factored_loss",
+    "fit_readout_scales",
 ]
 
 TOKEN_POOLS = ("avg", "prefix")
 READOUTS = ("output", "factored")
 
 
-def combine_heads(content: Tensor, motion: Tensor) -> Tensor:
+def combine_heads(content: Tensor, motion: Tensor, scales: Optional[Tensor] = None) -> Tensor:
     """The class scores of a ``readout="factored"`` classifier from its two heads' logits: the
-    sum of their log-probabilities (a product of experts, unnormalised), ``(B, K)`` each ->
-    ``(B, K)``. Its argmax and its softmax are those of the product of the two distributions."""
-    return torch.log_softmax(content, dim=-1) + torch.log_softmax(motion, dim=-1)
+    sum of their log-probabilities (a product of experts, unnormalised), each weighted by
+    ``scales`` ``(2,)`` (content, motion; ``None``: 1 and 1), ``(B, K)`` each -> ``(B, K)``.
+    With equal weights its argmax and its softmax are those of the product of the two
+    distributions; :func:`fit_readout_scales` fits the weights on held-out clips."""
+    log_content = torch.log_softmax(content, dim=-1)
+    log_motion = torch.log_softmax(motion, dim=-1)
+    if scales is None:
+        return log_content + log_motion
+    scales = scales.to(device=log_content.device, dtype=log_content.dtype)
+    return scales[0] * log_content + scales[1] * log_motion
+
+
+def fit_readout_scales(
+    content: Tensor, motion: Tensor, labels: Tensor, *, l2: float = 1e-3, max_iter: int = 100
+) -> Tensor:
+    """The weights of the two heads' log-probabilities in :func:`combine_heads` that minimise
+    the cross-entropy on held-out clips (``content``, ``motion``: ``(N, K)`` logits,
+    ``labels``: ``(N,)``), ``(2,)`` float32, positive: temperature scaling (Guo et al., 2017)
+    of each head. Each head fits its training clips, so their training logits cannot say
+    which one to trust: on clips it has not seen, a head whose cue does not tell the class
+    (the content in a motion task, the motion in an appearance task) gives confident noise,
+    and its weight goes towards zero. Fitted by L-BFGS on the weights' logarithms in float64,
+    with an ``l2`` penalty on them, which keeps them finite where one head is noise."""
+    if content.dim() != 2 or content.shape != motion.shape:
+        raise ValueError(
+            "content, motion: expected logits of the same shape (N, K), got "
+            f"{tuple(content.shape)} and {tuple(motion.shape)}"
+        )
+    if labels.shape != content.shape[:1]:
+        raise ValueError(f"labels: expected shape ({content.shape[0]},), got {tuple(labels.shape)}")
+    if labels.numel() == 0:
+        raise ValueError("labels: expected at least one held-out clip, got none")
+    classes = content.shape[1]
+    if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(
+            f"labels: expected integer classes in [0, {classes}), got {labels.dtype} in "
+            f"[{labels.min().item()}, {labels.max().item()}]"
+        )
+    log_content = torch.log_softmax(content.detach().double(), dim=-1)
+    log_motion = torch.log_softmax(motion.detach().double(), dim=-1)
+    target = labels.detach().long()
+    log_scales = torch.zeros(2, dtype=torch.float64, device=content.device, requires_grad=True)
+    opt = torch.optim.LBFGS([log_scales], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        w = log_scales.exp()
+        loss = F.cross_entropy(w[0] * log_content + w[1] * log_motion, target)
+        loss = loss + l2 * log_scales.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return log_scales.detach().exp().float()
 
 
 def factored_loss(content: Tensor, motion: Tensor, labels: Tensor) -> Tensor:
@@ -260,6 +313,9 @@ class PKS4VideoClassifier(nn.Module):
             # model's), not shifted by a random class prior. The weights stay random, or the
             # block would get no gradient through this head.
             nn.init.zeros_(self.motion_head.fc.bias)
+            # The heads' weights in combine_heads: 1 and 1 until calibrate_readout fits them
+            # on held-out clips (pks4-train does, on its validation split).
+            self.register_buffer("readout_scales", torch.ones(2))
         self.backbone_frozen = False
         self.set_backbone_frozen(freeze_backbone)
 
@@ -415,6 +471,37 @@ class PKS4VideoClassifier(nn.Module):
         motion = self.motion_head(self._contribution_frames(feats, out).mean(dim=1))
         return self.forward_head(self.pool(feats)), motion
 
+    def combine_heads(self, content: Tensor, motion: Tensor) -> Tensor:
+        """The class scores from the two heads' logits (``readout="factored"``):
+        :func:`combine_heads` with this model's ``readout_scales``."""
+        if self.motion_head is None:
+            raise ValueError(
+                f"readout: expected 'factored' for two heads, got {self.readout!r} (one head)"
+            )
+        return combine_heads(content, motion, self.readout_scales)
+
+    def calibrate_readout(self, content: Tensor, motion: Tensor, labels: Tensor) -> Tensor:
+        """Fit ``readout_scales``, the weights of the two heads (``readout="factored"``), on
+        clips the model did not train on: ``content``, ``motion`` are their logits
+        (``model(x, return_heads=True)`` in eval mode), ``labels`` their classes. Returns the
+        weights (content, motion), also kept in the model's state. See
+        :func:`fit_readout_scales`; the head whose cue does not tell the classes of the task
+        gets a weight near zero."""
+        if self.motion_head is None:
+            raise ValueError(
+                f"readout: expected 'factored' to calibrate, got {self.readout!r} (one head)"
+            )
+        scales = fit_readout_scales(content, motion, labels)
+        self.readout_scales.copy_(scales.to(self.readout_scales))
+        return self.readout_scales.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A factored model saved before readout_scales existed combined its heads with 1 and 1.
+        key = prefix + "readout_scales"
+        if self.motion_head is not None and key not in state_dict:
+            state_dict[key] = torch.ones_like(self.readout_scales)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _contribution_frames(self, feats: Features, out: Features) -> Tensor:
         """What the temporal module adds, ``out - feats``, pooled over the space of each frame
         (patch tokens for ViTs: the module leaves the prefix tokens as they are):
@@ -433,7 +520,7 @@ class PKS4VideoClassifier(nn.Module):
                 )
             return self.forward_head(self.pool(out))
         content, motion = self.forward_heads(feats, out)
-        return (content, motion) if return_heads else combine_heads(content, motion)
+        return (content, motion) if return_heads else self.combine_heads(content, motion)
 
     def loss(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The training loss on clips ``x`` with ``labels`` ``(B,)``, and :meth:`forward`'s
@@ -445,7 +532,7 @@ class PKS4VideoClassifier(nn.Module):
             logits = self(x)
             return _cross_entropy(logits, labels), logits
         content, motion = self(x, return_heads=True)
-        return factored_loss(content, motion, labels), combine_heads(content, motion)
+        return factored_loss(content, motion, labels), self.combine_heads(content, motion)
 
     def check_streamable(self) -> None:
         """Raise unless the temporal module is causal (``"mean"``, or a forward-only PKS4)."""
@@ -551,7 +638,7 @@ class PKS4VideoClassifier(nn.Module):
         contribution_sum = running(state.contribution_sum, self._contribution_frames(feats, out))
         state = ClassifierStreamState(pooled_sum, frames_seen, temporal, contribution_sum)
         motion = self.motion_head(mean(contribution_sum))
-        return combine_heads(content, motion), state
+        return self.combine_heads(content, motion), state
 
     def _pool_frames(self, feats: Features, tokens: Optional[str] = None) -> Tensor:
         """Mean over space of every frame: :class:`Features` -> ``(B, T, C)``; ``tokens`` as in

@@ -120,6 +120,14 @@ class TrainConfig:
             "the module's contribution, each on its own loss (not with temporal mean)"
         },
     )
+    calibrate_readout: bool = field(
+        default=True,
+        metadata={
+            "help": "a factored readout: fit the weights of its two heads on the validation "
+            "split at each evaluation (PKS4VideoClassifier.calibrate_readout; the validation "
+            "metrics are then those of the calibrated model); false: the heads summed as trained"
+        },
+    )
     preset: str = field(
         default="auto",
         metadata={

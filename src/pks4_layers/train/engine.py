@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..layers.masked_batch_norm import convert_sync_masked_batch_norm
-from ..models.classifier import combine_heads, factored_loss
+from ..models.classifier import factored_loss
 from .checkpoint import check_checkpoint_fits, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
@@ -512,7 +513,7 @@ def train_one_epoch(
                         if is_factored:
                             # Each head on its own loss (the wrapper ran, so DDP's hooks did).
                             loss = factored_loss(*logits, labels)
-                            logits = combine_heads(*logits)
+                            logits = _unwrap(model).combine_heads(*logits)
                         else:
                             loss = F.cross_entropy(logits.float(), labels)
                         if not torch.isfinite(loss):
@@ -568,13 +569,23 @@ def evaluate(
     env: DistEnv,
     amp_dtype: Optional[torch.dtype],
     desc: str = "eval",
+    calibrate: bool = False,
 ) -> dict[str, float]:
     """Top-1/top-5 and loss over the loader, summed across ranks. Multi-view clips
     ``(B, V, T, 3, S, S)`` are scored by the mean of the views' softmax. Undecodable videos
     are left out of the metrics and counted (``val_skipped``); evaluation runs no collective
-    per step, so ranks may take different numbers of forward passes."""
+    per step, so ranks may take different numbers of forward passes.
+
+    ``calibrate`` (a ``readout="factored"`` model): the two heads' weights are first fitted on
+    these clips (:meth:`~pks4_layers.models.PKS4VideoClassifier.calibrate_readout`, every
+    view a sample, the logits of every rank gathered, so all ranks fit the same weights), and
+    the metrics are those of the calibrated model: the clips are then where the weights were
+    fitted. One forward pass: the heads' logits are kept until the weights are known."""
     model.eval()
+    base = _unwrap(model)
+    calibrate = calibrate and getattr(base, "motion_head", None) is not None
     totals = torch.zeros(5, dtype=torch.float64)  # loss sum, top1, top5, count, skipped
+    kept: list[tuple[Tensor, Tensor, Tensor, int]] = []  # content, motion, labels, views
     with Progress(len(loader), desc, enabled=cfg.progress and env.is_main) as bar:
         for batch in loader:
             clips, labels, skipped = _unpack(batch)
@@ -589,14 +600,21 @@ def evaluate(
                 views = clips.shape[1]
                 clips = clips.flatten(0, 1)
             with _autocast(env.device, amp_dtype):
+                if calibrate:
+                    content, motion = model(clips, return_heads=True)
+                    kept.append((content.float().cpu(), motion.float().cpu(), labels.cpu(), views))
+                    bar.update()
+                    continue
                 logits = model(clips)
-            probs = logits.float().softmax(dim=-1)
-            probs = probs.view(labels.shape[0], views, -1).mean(dim=1)
-            loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-            top1, top5 = topk_correct(probs, labels, (1, 5))
-            n = labels.shape[0]
-            totals[:4] += torch.tensor([loss.item(), top1, top5, n], dtype=torch.float64)
+            totals[:4] += _scores(logits, labels, views)
             bar.update()
+    if calibrate:
+        content, motion, labels = _gather_heads(kept, env)
+        if labels.numel():
+            base.calibrate_readout(content, motion, labels)
+        for content, motion, labels, views in kept:
+            logits = base.combine_heads(content, motion)
+            totals[:4] += _scores(logits, labels, views)
     loss_sum, top1, top5, count, skipped = all_reduce_sum(totals, env).tolist()
     count = max(count, 1)
     return {
@@ -605,6 +623,35 @@ def evaluate(
         "val_top5": 100.0 * top5 / count,
         "val_skipped": int(skipped),
     }
+
+
+def _scores(logits: Tensor, labels: Tensor, views: int) -> Tensor:
+    """Loss sum, top-1 and top-5 hits and count of a batch, the views' softmax averaged."""
+    probs = logits.float().softmax(dim=-1)
+    probs = probs.view(labels.shape[0], views, -1).mean(dim=1)
+    labels = labels.to(probs.device)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+    top1, top5 = topk_correct(probs, labels, (1, 5))
+    return torch.tensor([loss.item(), top1, top5, labels.shape[0]], dtype=torch.float64)
+
+
+def _gather_heads(
+    kept: list[tuple[Tensor, Tensor, Tensor, int]], env: DistEnv
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's kept heads' logits, one row per view, with each view's label: the same
+    tensors on every rank."""
+    rows = [
+        (content, motion, labels.repeat_interleave(views))
+        for content, motion, labels, views in kept
+    ]
+    if env.distributed:
+        gathered: list[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    if not rows:
+        return torch.empty(0, 0), torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    content, motion, labels = (torch.cat(part) for part in zip(*rows))
+    return content, motion, labels
 
 
 # ------------------------------------------------------------------------------ the run
@@ -783,7 +830,17 @@ def _run(cfg: TrainConfig, env: DistEnv, eval_only: bool) -> RunResult:
         record["world_size"] = env.world_size
         record["global_batch"] = global_batch
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            record.update(evaluate(model, val_loader, cfg, env, amp_dtype, "         eval"))
+            record.update(
+                evaluate(
+                    model,
+                    val_loader,
+                    cfg,
+                    env,
+                    amp_dtype,
+                    "         eval",
+                    calibrate=cfg.calibrate_readout,
+                )
+            )
         history.append(record)
         improved = record.get("val_top1") is not None and record["val_top1"] > best
         if improved:
