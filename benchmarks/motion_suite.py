@@ -474,6 +474,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "after training (PKS4VideoClassifier.calibrate_readout, what pks4-train does); "
         "'ones', the two heads' log-probabilities summed as trained",
     )
+    p.add_argument(
+        "--keep-val-heads",
+        action="store_true",
+        help="a factored readout: keep each run's val log-probabilities of both heads (before "
+        "the weights are fitted) and the labels, for benchmarks/readout_calibration.py",
+    )
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--event-frames", type=int, default=16, help="frames of the event task")
     p.add_argument("--size", type=int, default=96, help="frame size of the generated clips")
@@ -929,12 +935,20 @@ def train_one(
                 flush=True,
             )
     train_time = time.perf_counter() - start
-    readout_scales = None
-    if model.motion_head is not None and args.readout_scales == "fit":
-        # The factored readout's two weights, fitted on val (as pks4-train does): the val
-        # accuracy below is then where they were fitted; the history's last is before.
-        readout_scales = calibrate_on(model, regime, *data["val"], grid, eval_batch)
-        val_correct = evaluate(model, logits, *data["val"], eval_batch)
+    readout_scales = val_heads = None
+    if model.motion_head is not None:
+        content, motion = heads_on(model, regime, data["val"][0], grid, eval_batch)
+        if args.keep_val_heads:
+            val_heads = {
+                "labels": data["val"][1].tolist(),
+                "content_logp": content.log_softmax(-1).tolist(),
+                "motion_logp": motion.log_softmax(-1).tolist(),
+            }
+        if args.readout_scales == "fit":
+            # The factored readout's two weights, fitted on val (as pks4-train does): the val
+            # accuracy below is then where they were fitted; the history's last is before.
+            readout_scales = model.calibrate_readout(content, motion, data["val"][1]).tolist()
+            val_correct = evaluate(model, logits, *data["val"], eval_batch)
     # The test split: the final model, once, after every choice was made on val.
     test = (
         evaluate(model, logits, *data["test"], eval_batch) if args.report_split == "test" else None
@@ -945,6 +959,7 @@ def train_one(
     return {
         "final_val_top1": 100.0 * statistics.fmean(val_correct),
         "readout_scales": readout_scales,
+        **({"val_heads": val_heads} if val_heads is not None else {}),
         "best_val_top1": max(h["val_top1"] for h in history),
         "val_correct": val_correct,
         "test_correct": test,
@@ -957,12 +972,11 @@ def train_one(
     }
 
 
-def calibrate_on(
-    model: PKS4VideoClassifier, regime: str, x: Tensor, y: Tensor, grid: tuple[int, int], batch: int
-) -> list[float]:
-    """Fit a factored readout's two weights on held-out ``x``, ``y`` (``x`` as in
-    :func:`_forward`): :meth:`PKS4VideoClassifier.calibrate_readout`; the weights, (content,
-    motion)."""
+def heads_on(
+    model: PKS4VideoClassifier, regime: str, x: Tensor, grid: tuple[int, int], batch: int
+) -> tuple[Tensor, Tensor]:
+    """A factored readout's content and motion logits on ``x`` (as in :func:`_forward`), in
+    evaluation mode."""
     model.eval()
     with torch.no_grad():
         heads = [
@@ -970,7 +984,7 @@ def calibrate_on(
             for i in range(0, len(x), batch)
         ]
     content, motion = (torch.cat(h) for h in zip(*heads))
-    return model.calibrate_readout(content, motion, y).tolist()
+    return content, motion
 
 
 # The features each regime's temporal module sees: (channels, map side) at --size / --scratch-size.

@@ -731,3 +731,52 @@ def test_report_only_trains_nothing_and_keeps_the_complete_cells(tmp_path: Path,
     # nothing finished at all: an error, not an empty table
     records.write_text(json.dumps({"config": {}, "runs": []}))
     assert motion_suite.main([*argv, "--report-only"]) == 1
+
+
+@pytest.mark.slow
+def test_kept_val_heads_give_the_cross_fitted_calibration_table(tmp_path: Path, capsys) -> None:
+    """``--keep-val-heads`` records both heads' val log-probabilities before the weights are
+    fitted; ``readout_calibration.py`` scores every val clip with weights fitted on the other
+    half and compares them with the plain sum, paired."""
+    import readout_calibration
+
+    out = tmp_path / "cal"
+    argv = [
+        "--regimes=frozen",
+        "--tasks=shuttle,spatial",
+        "--models=mean,pks4",
+        "--seeds=0",
+        "--epochs=2",
+        "--frames=4",
+        "--size=32",
+        "--train-clips=8",
+        "--val-clips=6",
+        "--test-clips=4",
+        "--batch-size=4",
+        "--no-pretrained",
+        "--keep-val-heads",
+        f"--data-root={tmp_path / 'data'}",
+        f"--out={out}",
+        "--no-progress",
+    ]
+    assert motion_suite.main(argv) == 0
+    runs = json.loads(out.with_suffix(".runs.json").read_text())["runs"]
+    kept = [r for r in runs if "val_heads" in r]
+    assert {r["model"] for r in kept} == {"pks4"} and len(kept) == 2  # mean has one head
+    for run in kept:
+        heads = run["val_heads"]
+        assert len(heads["labels"]) == 6
+        content, motion = (torch.tensor(heads[k]) for k in ("content_logp", "motion_logp"))
+        assert content.shape == motion.shape == (6, run["classes"])
+        # log-probabilities; the plain sum is the final epoch's prediction
+        assert torch.allclose(content.exp().sum(-1), torch.ones(6), atol=1e-5)
+        plain = (content + motion).argmax(-1) == torch.tensor(heads["labels"])
+        ones, fitted = readout_calibration.cross_fitted(run)
+        assert len(ones) == len(fitted) == 6 and set(ones) | set(fitted) <= {0, 1}
+        assert ones == plain.int().tolist()
+    table = tmp_path / "cal.md"
+    assert readout_calibration.main([str(out.with_suffix(".runs.json")), f"--out={table}"]) == 0
+    text = table.read_text()
+    assert "| frozen | shuttle | 1 |" in text and "| frozen | spatial | 1 |" in text
+    assert readout_calibration.main([str(tmp_path / "none*.json")]) == 2
+    assert "expected runs with val_heads" in capsys.readouterr().out
