@@ -180,7 +180,9 @@ class PKS4VideoClassifier(nn.Module):
     (:meth:`loss`): a content head on the pooled backbone features (the module's input) and a
     motion head, a linear layer without LayerNorm, on the pooled contribution of the temporal
     module (its output minus its input, over the patch tokens for ViTs); the logits are
-    :func:`combine_heads` of the two. Trained on
+    :func:`combine_heads` of the two, weighted by the buffer ``readout_scales`` (1 and 1 until
+    :meth:`calibrate_readout` fits them on held-out clips, as ``pks4-train`` does on its
+    validation split: a head whose cue does not tell the classes then weighs little). Trained on
     one loss, a head that reads the backbone's features fits a small training set from the
     content of its clips alone and the module's motion signal is never needed; with the motion
     head on its own loss, the module must carry the label itself (measured in the motion suite,
