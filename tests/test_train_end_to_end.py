@@ -89,6 +89,10 @@ def test_cli_trains_evaluates_and_resumes(data_root, tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     assert (out / "checkpoint_last.pt").is_file() and (out / "checkpoint_best.pt").is_file()
     assert metrics["summary"]["params_trainable"] < metrics["summary"]["params_total"]
+    # The default (factored) readout's weights were fitted on the validation split.
+    state = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    scales = state["model"]["readout_scales"]
+    assert scales.shape == (2,) and (scales > 0).all() and not torch.equal(scales, torch.ones(2))
 
     # Evaluating the last checkpoint reproduces the last epoch's validation metrics.
     cmd_eval = cmd + ["--eval-only", "--resume", str(out / "checkpoint_last.pt")]
