@@ -936,7 +936,7 @@ def train_one(
             )
     train_time = time.perf_counter() - start
     readout_scales = val_heads = None
-    if model.motion_head is not None:
+    if model.motion_head is not None and (args.keep_val_heads or args.readout_scales == "fit"):
         content, motion = heads_on(model, regime, data["val"][0], grid, eval_batch)
         if args.keep_val_heads:
             val_heads = {
@@ -948,7 +948,9 @@ def train_one(
             # The factored readout's two weights, fitted on val (as pks4-train does): the val
             # accuracy below is then where they were fitted; the history's last is before.
             readout_scales = model.calibrate_readout(content, motion, data["val"][1]).tolist()
-            val_correct = evaluate(model, logits, *data["val"], eval_batch)
+            # Scored from the heads already computed: what evaluate() would give, no second pass.
+            hits = model.combine_heads(content, motion).argmax(-1) == data["val"][1]
+            val_correct = [int(hit) for hit in hits.tolist()]
     # The test split: the final model, once, after every choice was made on val.
     test = (
         evaluate(model, logits, *data["test"], eval_batch) if args.report_split == "test" else None
