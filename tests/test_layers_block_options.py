@@ -155,7 +155,7 @@ def test_change_cue_is_the_change_of_the_motion_cues_since_the_previous_pair():
     assert not change[:, :2].any()
     assert_close(change[:, 2:], motion[:, 2:] - motion[:, 1:-1])
     with pytest.raises(
-        ValueError, match="cues: expected 'cost', 'displacement' or 'curl' with 'change'"
+        ValueError, match="cues: expected 'cost', 'displacement', 'curl' or 'flow' with 'change'"
     ):
         _block(cues=("difference", "change"))
     # A stream state from an encoder without the change cue is refused by name, not in a kernel.
@@ -233,7 +233,7 @@ def test_prior_layer_norm_gives_unit_scale_priors():
         ({"prior_targets": ()}, "prior_targets"),
         ({"prior_targets": ("delta",)}, "prior_targets"),
         ({"cues": ()}, "cues"),
-        ({"cues": ("flow",)}, "cues"),
+        ({"cues": ("optical_flow",)}, "cues"),
         ({"cues": ("cost", "cost")}, "cues"),
         ({"prior_norm": "batch"}, "prior_norm"),
         ({"motion_norm": "layer"}, "motion_norm"),

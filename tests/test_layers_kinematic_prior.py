@@ -218,3 +218,71 @@ def test_curl_cue_and_unreduced_correlation_options():
         KinematicPriorEncoder(8, corr_dim=0)
     with pytest.raises(ValueError, match=r"^cues: expected a non-empty subset of .*'curl'"):
         KinematicPriorEncoder(8, cues=("vorticity",))
+
+
+def _smooth_pair(shift: tuple[float, float], H: int = 8, W: int = 9, dim: int = 16):
+    """Channels of slow plane waves and the same waves moved by ``shift`` = (u, v) cells."""
+    g = torch.Generator().manual_seed(5)
+    freq = (torch.rand(dim, 2, generator=g, dtype=torch.float64) - 0.5) * 0.8  # rad per cell
+    phase = torch.rand(dim, generator=g, dtype=torch.float64) * 6.28
+    y, x = torch.meshgrid(
+        torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij"
+    )
+
+    def waves(dx: float, dy: float) -> torch.Tensor:
+        arg = freq[:, 0, None, None] * (x - dx) + freq[:, 1, None, None] * (y - dy)
+        return rearrange(torch.sin(arg + phase[:, None, None]), "c h w -> 1 1 (h w) c")
+
+    return waves(*shift), waves(0.0, 0.0)
+
+
+@pytest.mark.parametrize("shift", [(0.1, 0.0), (-0.05, 0.08), (0.0, -0.125), (0.0, 0.0)])
+def test_gradient_flow_recovers_a_sub_cell_translation(shift):
+    """A pattern moved by an eighth of a cell or less: every location reports that motion."""
+    from pks4_layers.layers.kinematic_prior import gradient_flow
+
+    H, W = 8, 9
+    current, previous = _smooth_pair(shift, H, W)
+    flow = gradient_flow(current, previous, H, W, damping=0.0)[0, 0]
+    want = torch.tensor(shift, dtype=torch.float64).expand_as(flow)
+    # one-sided differences at the edges and the linearisation: a few percent of a small shift
+    assert torch.allclose(flow, want, atol=0.01), (flow - want).abs().max()
+    # the damping (a ridge) shrinks the answer, and it still points the way the pattern moved
+    damped = gradient_flow(current, previous, H, W)[0, 0]
+    assert (damped.norm(dim=-1) <= flow.norm(dim=-1) + 1e-12).all()
+    if any(shift):
+        cosine = torch.nn.functional.cosine_similarity(damped, want, dim=-1)
+        assert cosine.min() > 0.95 and damped.norm(dim=-1).min() > 0.5 * want.norm(dim=-1)[0]
+
+
+def test_gradient_flow_of_flat_maps_and_low_precision_is_finite():
+    from pks4_layers.layers.kinematic_prior import gradient_flow
+
+    flat = torch.ones(2, 3, 12, 4)
+    assert torch.equal(gradient_flow(flat, 2 * flat, 3, 4), torch.zeros(2, 3, 12, 2))
+    line = torch.randn(1, 2, 5, 4)  # one row: no vertical gradient
+    assert torch.isfinite(gradient_flow(line, line.flip(1), 1, 5)).all()
+    current, previous = _smooth_pair((0.1, 0.0))
+    half = gradient_flow(current.half(), previous.half(), 8, 9)
+    assert half.dtype == torch.float16
+    assert torch.allclose(half.double(), gradient_flow(current, previous, 8, 9), atol=5e-3)
+
+
+def test_flow_cue_alone_and_its_gradients():
+    torch.manual_seed(6)
+    enc = KinematicPriorEncoder(4, prior_dim=3, corr_dim=None, cues=("flow", "change")).double()
+    assert enc.motion_dim == 2 and enc.change_dim == 3 and not enc.matches
+    assert not hasattr(enc, "corr_log_scale")
+    x = torch.randn(1, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: enc(t, (2, 3)), (x,))
+    # in the encoder the flow is the displacement of the correlation features
+    current, previous = _smooth_pair((0.1, -0.05))
+    both = torch.cat([previous, current], dim=1)
+    probe = KinematicPriorEncoder(16, corr_dim=None, cues=("flow",)).double()
+    with torch.no_grad():
+        cues = probe._displacement_cues(both, 8, 9)
+    from pks4_layers.layers.kinematic_prior import gradient_flow
+
+    normed = torch.nn.functional.normalize(both, dim=-1)
+    assert torch.allclose(cues[0, 1], gradient_flow(normed[:, 1:], normed[:, :1], 8, 9)[0, 0])
+    assert torch.count_nonzero(cues[:, 0]) == 0

@@ -184,7 +184,7 @@ def test_stream_errors():
     [
         (("cost", "displacement", "difference"), 0),
         (DEFAULT_PRIOR_CUES, 25 + 3),
-        (PRIOR_CUES, 25 + 3 + 2),
+        (PRIOR_CUES, 25 + 3 + 2 + 2),
     ],
 )
 def test_long_stream_has_constant_memory(cues, motion):
@@ -296,8 +296,13 @@ def test_classifier_refuses_non_causal_temporal_modules():
 
 @pytest.mark.parametrize(
     "options",
-    [{"cues": PRIOR_CUES}, {"corr_dim": None}, {"cues": ("curl", "difference", "change")}],
-    ids=["all-cues", "unreduced", "curl-only"],
+    [
+        {"cues": PRIOR_CUES},
+        {"corr_dim": None},
+        {"cues": ("curl", "difference", "change")},
+        {"cues": ("flow", "change"), "corr_dim": None},
+    ],
+    ids=["all-cues", "unreduced", "curl-only", "flow-only"],
 )
 def test_stream_equals_whole_clip_with_the_research_cues(options):
     block = _block(**options)

@@ -16,7 +16,12 @@ its abstract; the paper's exact formulas were not available. Three cues per fram
   differences between neighbouring locations: how neighbours move relative to each other, the
   same sign of curl everywhere in a rotation, of divergence in an expansion, whatever the
   location; a per-location displacement averaged over space cannot tell a clockwise from a
-  counter-clockwise turn.
+  counter-clockwise turn;
+* gradient flow (``"flow"``, not in the default): the least-squares displacement ``(u, v)``
+  that explains the change of the features between ``t-1`` and ``t`` by their spatial
+  gradient (the brightness-constancy constraint of every channel, as in Lucas-Kanade, solved
+  per location over the channels): a motion far smaller than one feature cell moves no match
+  of the cost volume but changes every feature in proportion to it.
 
 Frame 0 has no predecessor: its cost volume, displacement, confidence and difference are zero,
 and a ``has_previous`` channel tells the fusion which frames had one; likewise the change is
@@ -46,7 +51,9 @@ from .stream_state import PriorStreamState
 from .weight_decay import no_weight_decay_names
 
 # Every cue the encoder can keep, and the default set (what the ablations chose).
-PRIOR_CUES = ("cost", "displacement", "difference", "change", "curl")
+PRIOR_CUES = ("cost", "displacement", "difference", "change", "curl", "flow")
+# The cues read from the correlation features (the cosine-normalised, optionally reduced ones).
+CORRELATION_CUES = ("cost", "displacement", "curl", "flow")
 DEFAULT_PRIOR_CUES = ("cost", "displacement", "difference", "change")
 # Central differences along x and y of a (N, 2, H, W) field, zero beyond the map.
 _DIFF_X = (-0.5, 0.0, 0.5)
@@ -147,6 +154,55 @@ def curl_divergence(velocity: Tensor, H: int, W: int) -> Tensor:
     return rearrange(out, "(b t) c h w -> b t (h w) c", b=Bsz)
 
 
+def _spatial_gradient(maps: Tensor, dim: int) -> Tensor:
+    """``d/dx`` (``dim=-1``) or ``d/dy`` (``dim=-2``) of ``(..., H, W)`` maps: central
+    differences inside, one-sided at the edges (``torch.gradient``'s ``edge_order=1``), zero
+    along an axis of size 1."""
+    n = maps.shape[dim]
+    if n < 2:
+        return torch.zeros_like(maps)
+    edge_first = maps.narrow(dim, 1, 1) - maps.narrow(dim, 0, 1)
+    edge_last = maps.narrow(dim, n - 1, 1) - maps.narrow(dim, n - 2, 1)
+    if n == 2:
+        return torch.cat([edge_first, edge_last], dim)
+    inner = 0.5 * (maps.narrow(dim, 2, n - 2) - maps.narrow(dim, 0, n - 2))
+    return torch.cat([edge_first, inner, edge_last], dim)
+
+
+def gradient_flow(
+    current: Tensor, previous: Tensor, H: int, W: int, damping: float = 0.1
+) -> Tensor:
+    """The displacement ``(u, v)`` per location, in feature cells per frame, that best explains
+    ``current - previous`` by the features' spatial gradient ``(gx, gy)``: for a pattern that
+    moved by ``(u, v)``, ``current - previous ~ -(u gx + v gy)`` in every channel. The 2x2
+    normal equations summed over the channels are solved per location, their diagonal damped
+    by ``damping`` times its mean (a flat location gives zero, not noise).
+
+    Args:
+        current, previous: ``(B, T, H*W, C)`` features of frames ``t`` and ``t-1``
+            (row-major locations).
+    Returns:
+        ``(B, T, H*W, 2)`` in ``current``'s dtype (computed in at least float32).
+    """
+    dtype = current.dtype
+    if current.element_size() < 4:
+        current, previous = current.float(), previous.float()
+    change = current - previous  # (B, T, L, C)
+    # The gradient of the pair's mean: symmetric in the two frames.
+    mean = rearrange(0.5 * (current + previous), "b t (h w) c -> b t c h w", h=H, w=W)
+    gx = rearrange(_spatial_gradient(mean, -1), "b t c h w -> b t (h w) c")
+    gy = rearrange(_spatial_gradient(mean, -2), "b t c h w -> b t (h w) c")
+    sxx, syy, sxy = (gx * gx).sum(-1), (gy * gy).sum(-1), (gx * gy).sum(-1)
+    bx, by = -(gx * change).sum(-1), -(gy * change).sum(-1)
+    # The floor keeps a location with no gradient at all (a constant map) finite: u = v = 0.
+    ridge = damping * 0.5 * (sxx + syy) + torch.finfo(sxx.dtype).tiny ** 0.5
+    sxx, syy = sxx + ridge, syy + ridge
+    det = sxx * syy - sxy * sxy
+    u = (syy * bx - sxy * by) / det
+    v = (sxx * by - sxy * bx) / det
+    return torch.stack([u, v], dim=-1).to(dtype)
+
+
 class KinematicPriorEncoder(nn.Module):
     """Kinematic prior per frame and location from the frame and its predecessor.
 
@@ -162,7 +218,8 @@ class KinematicPriorEncoder(nn.Module):
             ``(dx, dy)`` with the match confidence, the frame-difference features, the change
             of the kept cost-volume and displacement cues since the previous frame pair (needs
             ``"cost"``, ``"displacement"`` or ``"curl"``), the curl and divergence of the
-            displacement field.
+            displacement field, the gradient flow ``(u, v)`` (:func:`gradient_flow`: sub-cell
+            motion).
         corr_temperature: initial scale of the cosine similarities in the match softmax.
         learn_corr_temperature: learn that scale (``False`` keeps it fixed).
         prior_norm: ``"layer"`` puts a LayerNorm on the fused prior (unit scale whatever the
@@ -204,10 +261,10 @@ class KinematicPriorEncoder(nn.Module):
             raise ValueError(
                 f"cues: expected a non-empty subset of {list(PRIOR_CUES)}, got {list(cues)}"
             )
-        if "change" in cues and not {"cost", "displacement", "curl"} & set(cues):
+        if "change" in cues and not set(CORRELATION_CUES) & set(cues):
             raise ValueError(
-                f"cues: expected 'cost', 'displacement' or 'curl' with 'change' (the change of "
-                f"those cues), got {list(cues)}"
+                f"cues: expected 'cost', 'displacement', 'curl' or 'flow' with 'change' (the "
+                f"change of those cues), got {list(cues)}"
             )
         if corr_dim is not None and (not isinstance(corr_dim, int) or corr_dim < 1):
             raise ValueError(f"corr_dim: expected a positive int or None, got {corr_dim!r}")
@@ -224,7 +281,7 @@ class KinematicPriorEncoder(nn.Module):
         self.radius = radius
         self.num_displacements = (2 * radius + 1) ** 2
         self.cues = tuple(c for c in PRIOR_CUES if c in cues)
-        self.uses_correlation = bool({"cost", "displacement", "curl"} & set(cues))
+        self.uses_correlation = bool(set(CORRELATION_CUES) & set(cues))
         self.matches = "displacement" in cues or "curl" in cues
         self.reduces = corr_dim is not None
         self.corr_dim = (corr_dim if self.reduces else dim) if self.uses_correlation else 0
@@ -250,11 +307,13 @@ class KinematicPriorEncoder(nn.Module):
             self.diff_reduce = nn.Linear(dim, diff_dim)
             self.diff_conv = nn.Conv2d(diff_dim, diff_dim, kernel_size=3, padding=1)
 
-        # per cue: cost volume (K), (dx, dy) and confidence (3); has_previous; differences
+        # per cue: cost volume (K), (dx, dy) and confidence (3), curl and divergence (2),
+        # gradient flow (2); has_previous; differences
         self.motion_dim = (
             (self.num_displacements if "cost" in cues else 0)
             + (3 if "displacement" in cues else 0)
             + (2 if "curl" in cues else 0)
+            + (2 if "flow" in cues else 0)
         )
         self.change_dim = self.motion_dim + 1 if "change" in cues else 0
         self.motion_norm = motion_norm
@@ -444,19 +503,23 @@ class KinematicPriorEncoder(nn.Module):
             current = feats
             stored = state.previous_corr.unsqueeze(1).to(feats.dtype)
             previous = torch.cat([stored, feats.narrow(1, 0, T - 1)], 1)
-        cost = local_correlation(
-            rearrange(current, "b t (h w) c -> (b t) c h w", h=H, w=W),
-            rearrange(previous, "b t (h w) c -> (b t) c h w", h=H, w=W),
-            self.radius,
-        )
-        cost = rearrange(cost, "(b t) k h w -> b t (h w) k", b=Bsz)
-        kept = [cost] if "cost" in self.cues else []
+        kept = []
+        if "cost" in self.cues or self.matches:
+            cost = local_correlation(
+                rearrange(current, "b t (h w) c -> (b t) c h w", h=H, w=W),
+                rearrange(previous, "b t (h w) c -> (b t) c h w", h=H, w=W),
+                self.radius,
+            )
+            cost = rearrange(cost, "(b t) k h w -> b t (h w) k", b=Bsz)
+            kept = [cost] if "cost" in self.cues else []
         if self.matches:
             velocity, confidence = self._match_summary(cost)
             if "displacement" in self.cues:
                 kept += [velocity, confidence]
             if "curl" in self.cues:
                 kept.append(curl_divergence(velocity, H, W))
+        if "flow" in self.cues:
+            kept.append(gradient_flow(current, previous, H, W))
         later = torch.cat(kept, dim=-1).to(first.dtype)
         if self.motion_bn is not None:
             valid = self._valid_motion(H, W, x.device)  # (L, motion_dim)
