@@ -228,8 +228,13 @@ VARIANTS: dict[str, Variant] = {
         block_lr_scale=3.0,
         preset=None,
     ),
+    "pks4_no_flow": _pks4(
+        "PKS4VideoClassifier's defaults without the gradient-flow cue (the preset before it)",
+        preset=None,
+        cues=("cost", "displacement", "change", "curl"),
+    ),
     "pks4_preset_motion_only": _pks4(
-        "preset motion_only: content-free prior with the curl cue, factored readout",
+        "preset motion_only: content-free prior with the curl and flow cues, factored readout",
         preset="motion_only",
     ),
     # where the prior enters the scan (the default: delta/B/C and the output)

@@ -190,8 +190,8 @@ class PKS4VideoClassifier(nn.Module):
 
     Presets (:data:`~pks4_layers.models.PRESETS`). A PKS4 classifier builds
     ``preset="motion_only"``, whether its backbone is frozen or trains: the block's scan reads
-    the kinematic prior alone (cosine cost volume, displacement, its change, curl and
-    divergence) and the readout is factored. Every other temporal module builds
+    the kinematic prior alone (cosine cost volume, displacement, its curl and divergence, the
+    gradient flow, and their change) and the readout is factored. Every other temporal module builds
     ``"features"``: its defaults and one head (``preset="features"`` gives a PKS4 classifier
     the block's defaults). Measured in the motion suite: the default block fits the content of
     its training clips and reads motion worse than the content-free block in every regime,

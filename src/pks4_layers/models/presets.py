@@ -4,12 +4,13 @@ The block's defaults (its scan reads the features, the kinematic prior steers it
 training set from the content of the clips: after a frozen backbone they stay near chance on
 the motion tasks of the motion suite (docs/motion_suite.md), like every peer module, and with a
 backbone that trains they memorise it. A block whose scan reads the prior alone, computed from
-cosine similarities between neighbouring frames and standardised per channel over the data
-(``motion_norm="batch"``), with the factored readout (a motion head trained on the block's
-contribution alone), reads motion in every regime, given the epochs
-to fit: after a frozen backbone at 24 epochs (at 8 it has not fit), from scratch and
-fine-tuned at 16 (at 8 it is no different from the block's defaults). It is every PKS4
-classifier's default, ``"motion_only"``; ``"features"`` builds the block's defaults.
+cosine similarities between neighbouring frames and from the features' change against their
+spatial gradient (the gradient flow: motion under one feature cell), standardised per channel
+over the data (``motion_norm="batch"``), with the factored readout (a motion head trained on
+the block's contribution alone), reads motion in every regime, given the epochs to fit: after
+a frozen backbone at 24 epochs (at 8 it has not fit), from scratch and fine-tuned at 16 (at 8
+it is no different from the block's defaults). It is every PKS4 classifier's default,
+``"motion_only"``; ``"features"`` builds the block's defaults.
 
 ``PKS4VideoClassifier(preset=...)`` builds one of :data:`PRESETS` by name;
 :func:`resolve_preset` gives the name a classifier uses when none is given.
@@ -50,14 +51,15 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             {
                 "scan_input": "prior",
                 "corr_dim": None,
-                "cues": ("cost", "displacement", "change", "curl"),
+                "cues": ("cost", "displacement", "change", "curl", "flow"),
                 "motion_norm": "batch",
             },
             "factored",
             "the scan reads the kinematic prior alone (cosine cost volume of the features, "
-            "soft-argmax displacement, its change, curl and divergence, each standardised over "
-            "the data: no learnt function of the content), and a motion head reads the block's "
-            "contribution on its own loss (the default of a PKS4 classifier)",
+            "soft-argmax displacement, its curl and divergence, the gradient flow of sub-cell "
+            "motion, and their change, each standardised over the data: no learnt function of "
+            "the content), and a motion head reads the block's contribution on its own loss (the "
+            "default of a PKS4 classifier)",
         ),
     }
 )
