@@ -1511,8 +1511,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs: list[dict[str, Any]] = []
     missing: list[tuple[str, str, str, int]] = []
     start = time.perf_counter()
+    passed: set[tuple[str, int]] = set()  # the (task, seed) cells reached
     for task in args.tasks:
         for seed in args.seeds:
+            passed.add((task, seed))
             todo = [p for p in plan if p[1] == task and p[3] == seed and p not in done]
             runs += [done[p] for p in plan if p[1] == task and p[3] == seed and p in done]
             if args.report_only:
@@ -1557,8 +1559,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                     )
                     # Every finished run on disk at once: a long sweep cut short keeps them.
                     # Written aside, then renamed: a reader (or a commit) never sees half a file.
+                    # The kept runs of cells not reached yet stay in it too.
+                    ahead = [
+                        r for k, r in done.items() if k in planned and (k[1], k[3]) not in passed
+                    ]
                     aside = partial.with_name(partial.name + ".tmp")
-                    aside.write_text(json.dumps({"config": vars(args), "runs": carried + runs}))
+                    aside.write_text(
+                        json.dumps({"config": vars(args), "runs": carried + runs + ahead})
+                    )
                     aside.replace(partial)
     if missing:
         runs, cells = complete_cells(runs, missing)

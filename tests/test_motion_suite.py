@@ -28,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
+def test_tiny_suite_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "suite"
     argv = [
         "--regimes=frozen,scratch",
@@ -198,6 +198,34 @@ def test_tiny_suite_end_to_end(tmp_path: Path, capsys) -> None:
     for fresh in (r for r in rerun if motion_suite._key(r) in keys):
         assert fresh["protocol"]["epochs"] == 2
         assert [h["epoch"] for h in fresh["history"]] == [1, 2]
+    # a resumed sweep cut short keeps on disk every kept run, those of the cells it has not
+    # reached yet too: two stale runs, the first cell's and the last one's; it stops while
+    # training the second
+    records = json.loads(again.with_suffix(".runs.json").read_text())
+    pks4_runs = [r for r in records["runs"] if r["model"] == "pks4"]
+    first, last = pks4_runs[0], pks4_runs[-1]
+    assert (first["task"], first["seed"]) != (last["task"], last["seed"])
+    for r in (first, last):
+        r["protocol"]["epochs"] = 3
+    again.with_suffix(".runs.json").write_text(json.dumps(records))
+    real_train_one, calls = motion_suite.train_one, []
+
+    def train_then_stop(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_train_one(*args, **kwargs)
+
+    monkeypatch.setattr(motion_suite, "train_one", train_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        motion_suite.main([*argv_again, "--resume"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    on_disk = json.loads(again.with_suffix(".runs.json").read_text())["runs"]
+    want = [motion_suite._key(r) for r in records["runs"] if r is not last]
+    assert sorted(motion_suite._key(r) for r in on_disk) == sorted(want)
+    assert motion_suite.main([*argv_again, "--resume"]) == 0  # the last one trained again
+    capsys.readouterr()
     # part of the matrix (another model, one regime, task and seed) adds to --out's records
     before = json.loads(again.with_suffix(".runs.json").read_text())["runs"]
     part = [a for a in argv_again if not a.startswith(("--regimes=", "--tasks=", "--seeds="))]
