@@ -209,7 +209,10 @@ VARIANTS: dict[str, Variant] = {
     "scan": Variant("scan", note="PKS4Block without its kinematic prior"),
     "prior_adapter": Variant(
         "prior_adapter",
-        (("corr_dim", None), ("cues", MOTION_ONLY_CURL["cues"]), ("motion_norm", "batch")),
+        # The prior of the classifier's default, whatever its cues are today.
+        tuple(
+            (k, PRESETS["motion_only"].block_kwargs[k]) for k in ("corr_dim", "cues", "motion_norm")
+        ),
         note="the kinematic prior of PKS4's default (its cues, no learnt reduction) fed to the "
         "adapter",
     ),

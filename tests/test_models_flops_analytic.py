@@ -17,6 +17,7 @@ from pks4_layers.models.flops import (
     FlopCount,
     correlation_flops,
     count_flops,
+    gradient_flow_flops,
     model_report,
     scan_flops,
 )
@@ -154,14 +155,45 @@ def test_prior_encoder_counts_one_cost_volume_per_frame_pair():
         assert count.correlation == per_pair * Bsz * frames
 
 
+def test_gradient_flow_count_is_the_hand_formula():
+    from pks4_layers.layers.kinematic_prior import gradient_flow
+
+    Bsz, pairs, H, W, C = 2, 3, 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    current = torch.randn(Bsz, pairs, H * W, C, generator=g)
+    previous = torch.randn(Bsz, pairs, H * W, C, generator=g)
+    assert _plain_flops(gradient_flow, current, previous, H, W) == 0
+    expected = Bsz * pairs * H * W * (17 * C + 20)
+    assert gradient_flow_flops(Bsz * pairs, H * W, C) == expected
+    total, flow = count_flops(gradient_flow, current, previous, H, W)
+    assert total == expected and flow.shape == (Bsz, pairs, H * W, 2)
+
+
+def test_prior_encoder_counts_its_gradient_flow_once_per_frame_pair():
+    Bsz, frames, H, W, dim, corr_dim = 2, 5, 3, 4, 12, 6
+    cues = ("cost", "flow", "change")
+    encoder = KinematicPriorEncoder(dim, prior_dim=8, radius=1, corr_dim=corr_dim, cues=cues)
+    x = torch.randn(Bsz, frames, H * W, dim)
+    with torch.no_grad():
+        with FlopCount() as count:
+            encoder.eval()(x, (H, W))
+        assert count.flow == Bsz * (frames - 1) * H * W * (17 * corr_dim + 20)
+        assert count.correlation == 2 * corr_dim * 9 * H * W * Bsz * (frames - 1)
+        plain = _plain_flops(encoder, x, (H, W))
+        assert count.total == plain + count.correlation + count.flow
+        assert count.analytic == count.correlation + count.flow  # no scan in the encoder
+
+
 def test_patches_are_undone_also_after_an_error():
     original = kinematic_prior.local_correlation
+    original_flow = kinematic_prior.gradient_flow
     backends = dict(_BACKENDS)
     with pytest.raises(RuntimeError, match="boom"), FlopCount():
         assert kinematic_prior.local_correlation is not original
         raise RuntimeError("boom")
     assert kinematic_prior.local_correlation is original
     assert local_correlation is original
+    assert kinematic_prior.gradient_flow is original_flow
     assert _BACKENDS == backends
 
 

@@ -5,7 +5,8 @@ a :class:`PKS4VideoClassifier`, split into its three parts.
 only. Two computations of the PKS4 modules are element-wise and so invisible to it (or, on the
 compiled backends, hidden in a custom kernel): the selective scan's state recurrence
 (:func:`pks4_layers.ops.motion_scan`) and the kinematic prior's local cost volume
-(:func:`pks4_layers.layers.kinematic_prior.local_correlation`). :class:`FlopCount` counts both
+(:func:`pks4_layers.layers.kinematic_prior.local_correlation`) and gradient flow
+(:func:`~pks4_layers.layers.kinematic_prior.gradient_flow`). :class:`FlopCount` counts them
 analytically, from the shapes of each call, and adds them to what FlopCounterMode counts.
 
 FLOP convention: a multiply-add is 2 FLOPs (FlopCounterMode's convention for matrix products);
@@ -30,7 +31,13 @@ sequence is the same formula with that ``T``. The cost volume of ``current`` aga
 
 one dot product over the channels per (frame pair, location, displacement), the window's
 out-of-map positions included (they are computed, against zero padding). The inputs'
-L2 normalisation and the match softmax lie outside it and are not counted.
+L2 normalisation and the match softmax lie outside it and are not counted. The gradient flow
+of ``n`` frame pairs of ``L`` locations and ``C`` channels (:func:`gradient_flow_flops`)::
+
+    n * L * (17 * C + 20)
+        17 per channel: the change (1), the pair's mean (2), the two spatial differences
+                        (2 each), five sums of products over the channels (2 each)
+        20 per location: the damped 2x2 solve
 
 Only forward calls are counted analytically; a backward run inside a count is counted as far as
 FlopCounterMode sees it.
@@ -58,6 +65,7 @@ __all__ = [
     "ModelReport",
     "correlation_flops",
     "count_flops",
+    "gradient_flow_flops",
     "model_report",
     "scan_flops",
 ]
@@ -170,6 +178,13 @@ def correlation_flops(n: int, C: int, H: int, W: int, radius: int) -> int:
     return 2 * C * (2 * radius + 1) ** 2 * H * W * n
 
 
+def gradient_flow_flops(n: int, L: int, C: int) -> int:
+    """FLOPs of one :func:`~pks4_layers.layers.kinematic_prior.gradient_flow` call on ``n``
+    frame pairs of ``L`` locations and ``C`` channels: ``n * L * (17 * C + 20)`` (see the
+    module's docstring)."""
+    return n * L * (17 * C + 20)
+
+
 # The counts open now, innermost last: a scan or cost volume adds to each of them, as each of
 # their FlopCounterModes sees the ops run inside it.
 _open_counts: list[FlopCount] = []
@@ -227,6 +242,44 @@ def _counted_correlation(correlation: Callable[..., Any]) -> Callable[..., Any]:
     return counted
 
 
+def _counted_gradient_flow(flow: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(flow)
+    def counted(current, previous, H, W, *args, **kwargs):
+        *lead, L, C = (int(s) for s in current.shape)
+        n = 1
+        for s in lead:
+            n *= s
+        flops = gradient_flow_flops(n, L, C)
+        return _count_analytic(
+            "flow", flops, lambda: flow(current, previous, H, W, *args, **kwargs)
+        )
+
+    return counted
+
+
+def _patch_global(original: Callable[..., Any], wrapper: Callable[..., Any]) -> None:
+    """Bind ``wrapper`` in place of ``original`` in every module that binds it to a global
+    name, until the last count closes."""
+    _wrappers[original] = wrapper
+    bound: list[tuple[dict[str, Any], str]] = []
+    for module in list(sys.modules.values()):
+        if not isinstance(module, types.ModuleType):
+            continue
+        namespace = vars(module)
+        for attr, value in list(namespace.items()):
+            if value is original:
+                namespace[attr] = wrapper
+                bound.append((namespace, attr))
+
+    def restore() -> None:
+        _wrappers.pop(original, None)
+        for namespace, attr in bound:
+            if namespace.get(attr) is wrapper:
+                namespace[attr] = original
+
+    _restore.append(restore)
+
+
 def _patch() -> None:
     """Route every scan and cost volume through the counting wrappers.
 
@@ -245,26 +298,12 @@ def _patch() -> None:
 
     _restore.append(restore_scan)
 
-    original = kinematic_prior.local_correlation
-    wrapper = _counted_correlation(original)
-    _wrappers[original] = wrapper
-    bound: list[tuple[dict[str, Any], str]] = []
-    for module in list(sys.modules.values()):
-        if not isinstance(module, types.ModuleType):
-            continue
-        namespace = vars(module)
-        for attr, value in list(namespace.items()):
-            if value is original:
-                namespace[attr] = wrapper
-                bound.append((namespace, attr))
-
-    def restore_correlation() -> None:
-        _wrappers.pop(original, None)
-        for namespace, attr in bound:
-            if namespace.get(attr) is wrapper:
-                namespace[attr] = original
-
-    _restore.append(restore_correlation)
+    _patch_global(
+        kinematic_prior.local_correlation, _counted_correlation(kinematic_prior.local_correlation)
+    )
+    _patch_global(
+        kinematic_prior.gradient_flow, _counted_gradient_flow(kinematic_prior.gradient_flow)
+    )
 
 
 def _unpatch() -> None:
@@ -279,7 +318,9 @@ class FlopCount:
     attention; every :func:`pks4_layers.ops.motion_scan` call (any caller, any backend, any
     sequence length) adds :func:`scan_flops` of its shapes and every
     :func:`~pks4_layers.layers.kinematic_prior.local_correlation` call adds
-    :func:`correlation_flops`, in place of whatever FlopCounterMode counted inside them (the
+    :func:`correlation_flops` and every
+    :func:`~pks4_layers.layers.kinematic_prior.gradient_flow` call
+    :func:`gradient_flow_flops`, in place of whatever FlopCounterMode counted inside them (the
     ``"torch"`` backend's read-out ``C_t . h_t`` is a matrix product it sees), so nothing is
     counted twice. Counts nest: an inner count's scans are in the outer one too. While a count
     is open, the scans and cost volumes of every thread go into it.
@@ -292,6 +333,7 @@ class FlopCount:
             out).
         scan: the analytic count of the scans.
         correlation: the analytic count of the cost volumes.
+        flow: the analytic count of the gradient flows.
         replaced: what FlopCounterMode counted inside those calls, replaced by them.
     """
 
@@ -299,6 +341,7 @@ class FlopCount:
         self.mode = FlopCounterMode(display=False)
         self.scan = 0
         self.correlation = 0
+        self.flow = 0
         self.replaced = 0
 
     @property
@@ -308,16 +351,16 @@ class FlopCount:
 
     @property
     def analytic(self) -> int:
-        """The analytic part: ``scan + correlation``."""
-        return self.scan + self.correlation
+        """The analytic part: ``scan + correlation + flow``."""
+        return self.scan + self.correlation + self.flow
 
     @property
     def total(self) -> int:
-        """``counted - replaced + scan + correlation``."""
+        """``counted - replaced + scan + correlation + flow``."""
         return self.counted - self.replaced + self.analytic
 
     def __enter__(self) -> FlopCount:
-        self.scan = self.correlation = self.replaced = 0
+        self.scan = self.correlation = self.flow = self.replaced = 0
         if not _open_counts:
             _patch()
         _open_counts.append(self)
@@ -362,8 +405,8 @@ def model_report(
     ``model.forward_temporal`` (temporal module) and ``model.forward_head`` (head); the pooling
     in between is a mean, which is not counted. Each part is counted by :func:`count_flops`:
     FlopCounterMode's matrix products, convolutions and attention plus the analytic counts of
-    every selective scan and cost volume the part runs (see :class:`FlopCount`), so temporal
-    modules compare whatever they compute with.
+    every selective scan, cost volume and gradient flow the part runs (see
+    :class:`FlopCount`), so temporal modules compare whatever they compute with.
 
     Args:
         model: the classifier (or a DistributedDataParallel / compiled wrapper of it).
