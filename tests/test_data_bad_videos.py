@@ -298,16 +298,19 @@ def test_loader_drops_bad_items_and_counts_them(cases, train):
 
 def test_loader_workers_skip_and_fail_fast_with_the_typed_error(cases):
     paths = [cases[n].path for n in ("short", "zero_bytes", "vfr")]
+    # Spawned, not forked: a worker forked from a process whose decoder and thread pools have
+    # run can wait forever on a lock held at the fork.
+    spawn = {"num_workers": 1, "multiprocessing_context": "spawn"}
     loader = DataLoader(
-        _dataset(paths, True), batch_size=3, num_workers=1, collate_fn=collate_skipping_bad
+        _dataset(paths, True), batch_size=3, collate_fn=collate_skipping_bad, **spawn
     )
     ((clips, labels, skipped),) = list(loader)
     assert clips.shape == (2, T, 3, 32, 32) and labels.tolist() == [0, 0] and skipped == 1
     loader = DataLoader(
         _dataset(paths, True, on_error="raise"),
         batch_size=3,
-        num_workers=1,
         collate_fn=collate_skipping_bad,
+        **spawn,
     )
     with pytest.raises(VideoDecodeError, match=re.escape(str(cases["zero_bytes"].path))):
         list(loader)
