@@ -217,7 +217,10 @@ def test_dataset_reproducible_per_seed_epoch_index(ucf_root):
     assert torch.equal(a[2][0], first)
     assert not torch.equal(VideoClipDataset(samples, seed=2, **kw)[2][0], first)
     # Workers get the same items as the main process.
-    loader = torch.utils.data.DataLoader(a, batch_size=1, num_workers=2, persistent_workers=True)
+    # Spawned, not forked: a worker forked after the decoder has run can wait forever on a lock.
+    loader = torch.utils.data.DataLoader(
+        a, batch_size=1, num_workers=2, persistent_workers=True, multiprocessing_context="spawn"
+    )
     assert torch.equal(list(loader)[2][0][0], first)
     # set_epoch reaches the persistent workers.
     a.set_epoch(1)
