@@ -20,6 +20,7 @@ dataset for minutes to then stop at a missing weights file.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import re
 import time
 import warnings
@@ -297,6 +298,19 @@ def backbone_normalisation(model: nn.Module) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
+def worker_start_method(workers: int) -> Optional[str]:
+    """How the DataLoader starts its ``workers``: ``"forkserver"`` where the platform has it,
+    the platform's default otherwise (spawn on Windows and macOS); ``None`` without workers.
+
+    Not ``fork``: the training process has decoded or written videos (PyAV, FFmpeg's threads)
+    and run torch's thread pools before the loader starts; a forked worker inherits their locks
+    in whatever state they were, and one held at the fork makes the worker wait forever. A
+    forkserver worker starts from a clean process that has run none of it."""
+    if workers == 0:
+        return None
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
 def _loader(ds: Dataset, sampler: ShardedSampler, cfg: TrainConfig, env: DistEnv) -> DataLoader:
     from ..data import collate_skipping_bad
 
@@ -309,6 +323,7 @@ def _loader(ds: Dataset, sampler: ShardedSampler, cfg: TrainConfig, env: DistEnv
         pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.workers > 0,
         collate_fn=collate_skipping_bad,
+        multiprocessing_context=worker_start_method(cfg.workers),
     )
 
 
