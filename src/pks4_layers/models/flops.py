@@ -46,6 +46,7 @@ FlopCounterMode sees it.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import types
 from dataclasses import dataclass
@@ -232,11 +233,8 @@ def _counted_scan_backend(backend: Callable[..., Any]) -> Callable[..., Any]:
 def _counted_correlation(correlation: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(correlation)
     def counted(current, previous, radius):
-        *lead, C, H, W = (int(s) for s in current.shape)
-        n = 1
-        for s in lead:
-            n *= s
-        flops = correlation_flops(n, C, H, W, int(radius))
+        C, H, W = (int(s) for s in current.shape[-3:])
+        flops = correlation_flops(math.prod(current.shape[:-3]), C, H, W, int(radius))
         return _count_analytic("correlation", flops, lambda: correlation(current, previous, radius))
 
     return counted
@@ -245,11 +243,8 @@ def _counted_correlation(correlation: Callable[..., Any]) -> Callable[..., Any]:
 def _counted_gradient_flow(flow: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(flow)
     def counted(current, previous, H, W, *args, **kwargs):
-        *lead, L, C = (int(s) for s in current.shape)
-        n = 1
-        for s in lead:
-            n *= s
-        flops = gradient_flow_flops(n, L, C)
+        L, C = (int(s) for s in current.shape[-2:])
+        flops = gradient_flow_flops(math.prod(current.shape[:-2]), L, C)
         return _count_analytic(
             "flow", flops, lambda: flow(current, previous, H, W, *args, **kwargs)
         )
