@@ -522,6 +522,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="finetune regime: the backbone's learning rate over the temporal module's (--lr)",
     )
     p.add_argument(
+        "--finetune-backbone-norm",
+        choices=("auto", "eval", "train"),
+        default="auto",
+        help="finetune regime: the backbone's BatchNorm layers (PKS4VideoClassifier's "
+        "backbone_norm): eval keeps the pretrained statistics, train uses each batch's; auto: "
+        "the classifier's rule (eval for pretrained weights)",
+    )
+    p.add_argument(
         "--finetune-models",
         default="all",
         help="the models of --models that also run in the finetune regime ('all': every one)",
@@ -668,6 +676,7 @@ def build_model(
         block_kwargs=module_kwargs(args, variant, backbone.num_features),
         readout=readout_of(args, variant),
         preset=variant.preset,
+        backbone_norm=backbone_norm_of(args, regime),
     )
     if variant.head_reads == "two_stream":
         model.head = ClassifierHead(2 * backbone.num_features, classes)
@@ -727,6 +736,18 @@ def pks4_params(width: int, block_kwargs_json: str, peer_budget: str = "pks4") -
     if kwargs.get("inner_dim", 0) >= width:
         kwargs.pop("inner_dim")
     return temporal_num_params("pks4", width, **kwargs)
+
+
+def backbone_norm_of(args: argparse.Namespace, regime: str) -> Optional[str]:
+    """The classifier's ``backbone_norm`` in ``regime``: ``--finetune-backbone-norm`` where the
+    pretrained backbone trains (``auto``: ``eval``, the classifier's rule for learnt statistics;
+    ``train`` with ``--no-pretrained``); ``None`` (the classifier's rule) in the others: the
+    frozen backbone is in evaluation mode anyway, the one from scratch learns its statistics."""
+    if regime != "finetune":
+        return None
+    if args.finetune_backbone_norm != "auto":
+        return args.finetune_backbone_norm
+    return "train" if args.no_pretrained else "eval"
 
 
 def regime_rates(args: argparse.Namespace, regime: str) -> tuple[float, float]:
@@ -1431,6 +1452,9 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     }
     if regime == "finetune":
         protocol["backbone_lr_scale"] = backbone_scale
+        if backbone_norm_of(args, regime) != "train":
+            # (a record without the key trained the backbone's BatchNorm on batch statistics)
+            protocol["backbone_norm"] = backbone_norm_of(args, regime)
     readout = protocol["readout"] or PRESETS[protocol["preset"]].readout
     if readout == "factored" and args.readout_scales == "fit":
         # (a record without the key summed the heads as trained: --readout-scales ones)

@@ -17,6 +17,7 @@ from pks4_layers.models import (
     TemporalIdentity,
     create_backbone,
 )
+from pks4_layers.models.classifier import batch_norms
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -272,6 +273,67 @@ def test_unfrozen_backbone_updates_batchnorm_statistics():
     before = model.backbone.model.bn1.running_mean.clone()
     model(_clip())
     assert not torch.equal(before, model.backbone.model.bn1.running_mean)
+
+
+def _with_learnt_statistics(backbone: nn.Module) -> nn.Module:
+    """The backbone's BatchNorm statistics as a pretrained one holds them: not 0 and 1."""
+    gen = torch.Generator().manual_seed(0)
+    for norm in batch_norms(backbone):
+        norm.running_mean.copy_(torch.rand(norm.running_mean.shape, generator=gen) - 0.5)
+        norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=gen) + 0.5)
+    return backbone
+
+
+def _statistics(model: PKS4VideoClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+
+
+def test_a_pretrained_backbone_that_trains_keeps_its_batchnorm_statistics():
+    model = PKS4VideoClassifier(
+        _with_learnt_statistics(_tv_resnet()), CLASSES, T, temporal="tsm"
+    ).train()
+    assert model.backbone_norm == "eval" and model.init_config["backbone_norm"] == "eval"
+    norms = batch_norms(model.backbone)
+    assert norms and not any(n.training for n in norms)
+    assert model.backbone.training and model.backbone.model.layer1.training
+    before = _statistics(model)
+    x = _clip()
+    logits = model(x)
+    logits.logsumexp(-1).sum().backward()
+    for k, v in _statistics(model).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    # The affine weights and every other backbone parameter still train.
+    assert all(p.requires_grad and p.grad is not None for p in model.backbone.parameters())
+    assert all(n.weight.grad.abs().sum() > 0 for n in norms)
+    # No dropout in the backbone and the head: training mode computes what evaluation does.
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(x))
+
+
+def test_a_new_backbone_learns_its_batchnorm_statistics_and_the_choice_can_be_forced():
+    fresh = PKS4VideoClassifier(_tv_resnet(), CLASSES, T, temporal="mean").train()
+    assert fresh.backbone_norm == "train" and all(n.training for n in batch_norms(fresh.backbone))
+    forced = PKS4VideoClassifier(
+        _with_learnt_statistics(_tv_resnet()), CLASSES, T, temporal="mean", backbone_norm="train"
+    ).train()
+    before = _statistics(forced)
+    forced(_clip())
+    assert not torch.equal(
+        before["model.bn1.running_mean"], _statistics(forced)["model.bn1.running_mean"]
+    )
+    kept = PKS4VideoClassifier(_tv_resnet(), CLASSES, T, temporal="mean", backbone_norm="eval")
+    kept.train()
+    assert kept.backbone_norm == "eval" and not any(n.training for n in batch_norms(kept.backbone))
+    # Frozen wins: the whole backbone stays in evaluation mode either way.
+    frozen = PKS4VideoClassifier(
+        _tv_resnet(), CLASSES, T, temporal="mean", freeze_backbone=True, backbone_norm="train"
+    ).train()
+    assert not any(m.training for m in frozen.backbone.modules())
+    with pytest.raises(
+        ValueError,
+        match=r"^backbone_norm: expected one of \['eval', 'train'\] or None, got 'frozen'",
+    ):
+        PKS4VideoClassifier(_tv_resnet(), CLASSES, T, temporal="mean", backbone_norm="frozen")
 
 
 # --- the identity at insertion and frame order ---------------------------------------------------

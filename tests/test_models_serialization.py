@@ -127,3 +127,46 @@ def test_a_checkpoint_written_before_presets_rebuilds_the_block_defaults(tmp_pat
         torch.testing.assert_close(loaded(x), model(x))
     fresh, _ = parse_args(["--backbone", "resnet18", "--num-frames", "4"])
     assert build_model(fresh, num_classes=3, random_weights=True).preset == "motion_only"
+
+
+def test_the_backbone_norm_is_saved_resolved_and_an_older_model_trains_as_before(tmp_path: Path):
+    """A model saved before ``backbone_norm`` existed trained its backbone with its batches'
+    statistics: it is rebuilt that way, not by today's rule for learnt statistics."""
+    backbone = _conv()
+    backbone[1].running_var.fill_(2.0)  # statistics learnt from data
+    model = PKS4VideoClassifier(FrameBackbone(backbone, 16), 3, 4, temporal="mean")
+    assert model.backbone_norm == "eval"
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["backbone_norm"] == "eval"
+    loaded = PKS4VideoClassifier.from_pretrained(tmp_path, backbone=FrameBackbone(_conv(), 16))
+    assert loaded.backbone_norm == "eval"  # the new backbone's statistics are 0 and 1
+    del config["backbone_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    older = PKS4VideoClassifier.from_pretrained(tmp_path, backbone=FrameBackbone(_conv(), 16))
+    assert older.backbone_norm == "train" and older.train().backbone.model[1].training
+
+
+def test_pks4_train_resolves_the_backbone_norm_from_pretrained(tmp_path: Path):
+    pytest.importorskip("timm")
+    from pks4_layers.train import parse_args
+    from pks4_layers.train.checkpoint import save_checkpoint
+    from pks4_layers.train.engine import build_model
+
+    base = ["--backbone", "efficientnet_lite0", "--num-frames", "4", "--no-freeze-backbone"]
+    for extra, expected in (
+        ([], "train"),
+        (["--pretrained"], "eval"),
+        (["--pretrained", "--backbone-norm", "train"], "train"),
+        (["--backbone-norm", "eval"], "eval"),
+    ):
+        cfg, _ = parse_args(base + extra)
+        assert cfg.backbone_norm_arg() == expected, extra
+    cfg, _ = parse_args(base + ["--pretrained"])
+    # Rebuilt from a checkpoint with random weights, the model trains as the run did.
+    model = build_model(cfg, num_classes=3, random_weights=True)
+    assert model.backbone_norm == "eval"
+    path = tmp_path / "checkpoint_last.pt"
+    config = {k: v for k, v in cfg.to_dict().items() if k != "backbone_norm"}
+    save_checkpoint(path, {"model": model.state_dict(), "config": config, "classes": []})
+    assert PKS4VideoClassifier.from_checkpoint(path).backbone_norm == "train"  # written before

@@ -10,6 +10,7 @@ are written. Accuracies are not asserted: a tiny run says nothing about them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -274,6 +275,30 @@ def test_epochs_per_regime() -> None:
         args, "frozen", motion_suite.VARIANTS["pks4_preset_features"]
     )
     assert features["preset"] == "features" and features != frozen
+
+
+def test_the_finetuned_backbone_keeps_its_batchnorm_statistics_and_records_it() -> None:
+    """The finetune regime builds the classifier with ``backbone_norm="eval"`` (its rule for a
+    pretrained backbone) and its protocol says so; with ``--finetune-backbone-norm train`` the
+    protocol is that of the records measured before the option (no key), kept as its ablation."""
+    pks4 = motion_suite.VARIANTS["pks4"]
+    args = motion_suite.parse_args([])
+    assert motion_suite.run_protocol(args, "finetune", pks4)["backbone_norm"] == "eval"
+    for regime in ("frozen", "scratch"):
+        assert "backbone_norm" not in motion_suite.run_protocol(args, regime, pks4)
+        assert motion_suite.backbone_norm_of(args, regime) is None
+    train = motion_suite.parse_args(["--finetune-backbone-norm", "train"])
+    assert "backbone_norm" not in motion_suite.run_protocol(train, "finetune", pks4)
+    unpretrained = motion_suite.parse_args(["--no-pretrained"])
+    assert motion_suite.backbone_norm_of(unpretrained, "finetune") == "train"
+    backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
+    for norm in backbone.modules():  # statistics as a pretrained backbone holds them
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.running_var.fill_(2.0)
+    model = motion_suite.build_model(args, "finetune", pks4, 2, copy.deepcopy(backbone), 3)
+    assert model.backbone_norm == "eval"
+    forced = motion_suite.build_model(train, "finetune", pks4, 2, copy.deepcopy(backbone), 3)
+    assert forced.backbone_norm == "train"
 
 
 def test_seeds_change_the_initialisation_and_only_that(tmp_path: Path) -> None:

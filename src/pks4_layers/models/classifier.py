@@ -159,6 +159,25 @@ def _backbone_spec(backbone: object, pretrained: object) -> Optional[dict]:
     return spec
 
 
+BACKBONE_NORMS = ("eval", "train")
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` (any dimension, SyncBatchNorm included)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def has_learnt_norm_statistics(module: nn.Module) -> bool:
+    """Whether a BatchNorm layer of ``module`` holds running statistics learnt from data: a
+    running mean other than 0 or a running variance other than 1, a new layer's values."""
+    for norm in batch_norms(module):
+        if norm.running_mean is None or norm.running_var is None:
+            continue
+        if bool(norm.running_mean.ne(0).any()) or bool(norm.running_var.ne(1).any()):
+            return True
+    return False
+
+
 class PKS4VideoClassifier(nn.Module):
     """Video classifier: per-frame 2D backbone, a temporal module, pooling, a linear head.
 
@@ -211,6 +230,17 @@ class PKS4VideoClassifier(nn.Module):
         freeze_backbone: backbone parameters get ``requires_grad=False``, the backbone stays in
             eval mode (BatchNorm statistics frozen) under ``train()`` and runs without autograd;
             only the temporal module and the head train.
+        backbone_norm: where the backbone trains, its BatchNorm layers under ``train()``:
+            ``"eval"`` normalises with their running statistics and leaves them as they are
+            (their affine weights still train: TSN's partial BatchNorm, mmaction2's
+            ``norm_eval``), ``"train"`` uses and updates the statistics of each batch.
+            ``None``: ``"eval"`` when the backbone holds statistics learnt from data (a
+            pretrained one: a running mean or variance other than a new layer's 0 and 1),
+            ``"train"`` otherwise (a backbone trained from scratch has to learn them).
+            Measured in the motion suite, ``efficientnet_lite0`` fine-tuned end to end: with
+            batch statistics the block fits neither the training clips nor the validation
+            ones of the ``subcell`` task (see ``CHANGELOG.md``). ``model.backbone_norm`` is
+            the value resolved.
         drop_rate: dropout before the linear classifier.
         block_kwargs: arguments of the temporal module (:class:`~pks4_layers.PKS4Block`'s for
             ``"pks4"``, ``kernel_size`` for ``"tconv"``, the peer's constructor's).
@@ -250,6 +280,7 @@ class PKS4VideoClassifier(nn.Module):
         token_pool: Literal["avg", "prefix"] = "avg",
         readout: Optional[Literal["output", "factored"]] = None,
         preset: Optional[str] = None,
+        backbone_norm: Optional[Literal["eval", "train"]] = None,
     ) -> None:
         super().__init__()
         # The named configuration (block arguments, readout); the user's arguments win.
@@ -290,6 +321,18 @@ class PKS4VideoClassifier(nn.Module):
             self.backbone = backbone
         else:
             self.backbone = FrameBackbone(create_backbone(backbone, pretrained=pretrained))
+        if backbone_norm is None:
+            # Statistics learnt from data (a pretrained backbone) are kept; a backbone whose
+            # BatchNorm layers are as created (mean 0, variance 1) has to learn them.
+            backbone_norm = "eval" if has_learnt_norm_statistics(self.backbone) else "train"
+        if backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(
+                f"backbone_norm: expected one of {list(BACKBONE_NORMS)} or None, "
+                f"got {backbone_norm!r}"
+            )
+        # Resolved, so that a saved model is rebuilt (and trains on) as it was.
+        self.init_config["backbone_norm"] = backbone_norm
+        self.backbone_norm = backbone_norm
         if token_pool == "prefix" and self.backbone.num_prefix_tokens == 0:
             raise ValueError(
                 "token_pool: expected 'avg' for a backbone without prefix tokens, got 'prefix'"
@@ -382,8 +425,8 @@ class PKS4VideoClassifier(nn.Module):
 
         Gradients then run through the tuned blocks, so the backbone no longer runs under
         ``no_grad`` and keeps their activations: the memory and compute of a backward through
-        ``count`` blocks. The backbone follows ``train()``/``eval()`` like any module (ViTs
-        have no BatchNorm statistics to protect).
+        ``count`` blocks. The backbone follows ``train()``/``eval()`` like any module, its
+        BatchNorm layers as ``backbone_norm`` says (ViTs have none).
         """
         blocks = getattr(self.backbone.model, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
@@ -411,6 +454,12 @@ class PKS4VideoClassifier(nn.Module):
         if self.backbone_frozen:
             # A frozen backbone keeps its BatchNorm running statistics and has no dropout.
             self.backbone.eval()
+        elif self.backbone_norm == "eval":
+            # A backbone that trains normalises with its running statistics: batch statistics
+            # move every frame of a batch by an offset that depends on the other clips in it,
+            # noise as large as the small differences between frames the prior reads.
+            for norm in batch_norms(self.backbone):
+                norm.eval()
         return self
 
     def _check_input(self, x: object, stream: bool = False) -> Tensor:

@@ -128,6 +128,8 @@ def from_pretrained(
         token_pool=config["token_pool"],
         readout=config.get("readout", "output"),  # saved before 0.3.0: one head
         preset=config.get("preset", "features"),  # saved before 0.3.0: the block's defaults
+        # Saved before 0.3.0: a backbone that trained did so with its batches' statistics.
+        backbone_norm=config.get("backbone_norm", "train"),
     )
     model.init_config["backbone"] = config.get("backbone")
     state = _safetensors().load_file(str(Path(directory) / WEIGHTS_NAME))
@@ -173,8 +175,9 @@ def from_checkpoint(path: Union[str, Path]) -> nn.Module:
     if not isinstance(state.get("config"), dict) or "model" not in state:
         raise ValueError(f"path: expected a pks4-train checkpoint, got {str(path)!r} without one")
     # A checkpoint's config holds every key of its version's TrainConfig: one without
-    # "preset" was written before 0.3.0, by the block's defaults.
-    cfg = config_from_mapping({"preset": "features", **state["config"]})
+    # "preset" was written before 0.3.0, by the block's defaults; one without "backbone_norm"
+    # trained its backbone (if at all) with its batches' statistics.
+    cfg = config_from_mapping({"preset": "features", "backbone_norm": "train", **state["config"]})
     classes = state.get("classes") or []
     num_classes = len(classes) or state["model"]["head.fc.weight"].shape[0]
     model = build_model(cfg, num_classes, random_weights=True)

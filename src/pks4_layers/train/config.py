@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from ..data.benchmark import TASKS as BENCHMARK_TASKS
 from ..layers.temporal_scan import PRIOR_TARGETS
-from ..models.classifier import READOUTS
+from ..models.classifier import BACKBONE_NORMS, READOUTS
 from ..models.presets import PRESETS, resolve_preset
 from ..models.temporal_heads import TEMPORAL_KINDS
 from .errors import (
@@ -108,6 +108,15 @@ class TrainConfig:
         },
     )
     freeze_backbone: bool = field(default=True, metadata={"help": "train temporal + head only"})
+    backbone_norm: str = field(
+        default="auto",
+        metadata={
+            "help": "where the backbone trains (freeze_backbone false, tune_last_blocks), its "
+            "BatchNorm layers: eval (running statistics, kept as they are; their weights "
+            "train), train (each batch's statistics), auto: eval with pretrained weights, "
+            "train without (pretrained, pretrained_path)"
+        },
+    )
     tune_last_blocks: int = field(
         default=0, metadata={"help": "also tune the backbone's last N blocks (0: none)"}
     )
@@ -198,6 +207,7 @@ class TrainConfig:
             "on_bad_video": BAD_VIDEO_MODES,
             "readout": ("auto", *READOUTS),
             "preset": ("auto", *PRESETS),
+            "backbone_norm": ("auto", *BACKBONE_NORMS),
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -266,6 +276,14 @@ class TrainConfig:
     def readout_arg(self) -> Optional[str]:
         """``readout`` for :class:`~pks4_layers.models.PKS4VideoClassifier` (``None``: auto)."""
         return None if self.readout == "auto" else self.readout
+
+    def backbone_norm_arg(self) -> str:
+        """``backbone_norm`` for :class:`~pks4_layers.models.PKS4VideoClassifier`, resolved
+        from ``pretrained`` (not from the weights the model holds: a model rebuilt to load a
+        checkpoint into has random ones)."""
+        if self.backbone_norm != "auto":
+            return self.backbone_norm
+        return "eval" if self.pretrained or self.pretrained_path else "train"
 
     def preset_arg(self) -> Optional[str]:
         """``preset`` for :class:`~pks4_layers.models.PKS4VideoClassifier` (``None``: auto)."""

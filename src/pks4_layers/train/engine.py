@@ -366,6 +366,7 @@ def build_model(cfg: TrainConfig, num_classes: int, random_weights: bool = False
             pretrained=pretrained,
             readout=cfg.readout_arg(),
             preset=cfg.preset_arg(),
+            backbone_norm=cfg.backbone_norm_arg(),
         )
     except Exception as err:
         usage = _weights_file_error(cfg, err) if isinstance(pretrained, str) else None
