@@ -1452,9 +1452,10 @@ def run_protocol(args: argparse.Namespace, regime: str, variant: Variant) -> dic
     }
     if regime == "finetune":
         protocol["backbone_lr_scale"] = backbone_scale
-        if backbone_norm_of(args, regime) != "train":
+        norm = backbone_norm_of(args, regime)
+        if norm != "train":
             # (a record without the key trained the backbone's BatchNorm on batch statistics)
-            protocol["backbone_norm"] = backbone_norm_of(args, regime)
+            protocol["backbone_norm"] = norm
     readout = protocol["readout"] or PRESETS[protocol["preset"]].readout
     if readout == "factored" and args.readout_scales == "fit":
         # (a record without the key summed the heads as trained: --readout-scales ones)

@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pks4_layers.models.classifier import batch_norms
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(SCRIPTS))
 import motion_suite  # noqa: E402
@@ -292,9 +294,8 @@ def test_the_finetuned_backbone_keeps_its_batchnorm_statistics_and_records_it() 
     unpretrained = motion_suite.parse_args(["--no-pretrained"])
     assert motion_suite.backbone_norm_of(unpretrained, "finetune") == "train"
     backbone = motion_suite.FrameBackbone(motion_suite.SmallCNN(8), num_features=8)
-    for norm in backbone.modules():  # statistics as a pretrained backbone holds them
-        if isinstance(norm, torch.nn.BatchNorm2d):
-            norm.running_var.fill_(2.0)
+    for norm in batch_norms(backbone):  # statistics as a pretrained backbone holds them
+        norm.running_var.fill_(2.0)
     model = motion_suite.build_model(args, "finetune", pks4, 2, copy.deepcopy(backbone), 3)
     assert model.backbone_norm == "eval"
     forced = motion_suite.build_model(train, "finetune", pks4, 2, copy.deepcopy(backbone), 3)

@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("av")
 
-from pks4_layers.data import make_benchmark
 from pks4_layers.train import ShardedSampler, TrainConfig
 from pks4_layers.train.distributed import DistEnv
 from pks4_layers.train.engine import _loader, build_datasets, build_samples, worker_start_method
@@ -28,9 +27,8 @@ def test_no_workers_no_start_method_and_never_fork():
 @pytest.mark.skipif(not HAS_FORKSERVER, reason="the platform has no forkserver")
 def test_workers_started_after_the_process_decoded_video_give_its_batches(tmp_path):
     root = tmp_path / "bench"
-    # The training process writes (encodes) the videos and decodes a clip before the loader
-    # starts its workers: the state a forked worker could inherit mid-lock.
-    make_benchmark(root, "temporal", num_train=4, num_val=4, num_frames=4, size=32)
+    # The training process writes (encodes) the videos in build_samples and decodes a clip
+    # before the loader starts its workers: the state a forked worker could inherit mid-lock.
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     batches = {}
     for workers in (0, 1):

@@ -455,9 +455,10 @@ class PKS4VideoClassifier(nn.Module):
             # A frozen backbone keeps its BatchNorm running statistics and has no dropout.
             self.backbone.eval()
         elif self.backbone_norm == "eval":
-            # A backbone that trains normalises with its running statistics: batch statistics
-            # move every frame of a batch by an offset that depends on the other clips in it,
-            # noise as large as the small differences between frames the prior reads.
+            # A backbone that trains normalises with its running statistics: measured, batch
+            # statistics cost the fine-tuned block the motion under one feature cell (our
+            # reading: they move with the other clips of each batch, by more than the small
+            # differences between frames the prior reads).
             for norm in batch_norms(self.backbone):
                 norm.eval()
         return self
